@@ -1,0 +1,460 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""The 3D very deep hierarchical VAE (Child 2021, as streamlined for 3D by Gray et al. 2022).
+
+Resolution ``2**k`` per axis. Every per-level list has ``k + 1`` entries, full resolution first and the 1^3
+level last. The encoder runs bottom-up with two residual blocks per level; the decoder runs top-down from 1^3,
+and at every level holds ``latent_feature_maps_per_resolution[i]`` latent groups, each a :class:`TopDownBlock`
+(prior p(z|h), posterior q(z|x,h)) followed by a :class:`ResBlock`. A Gaussian head gives a mean and a scale
+per voxel for data scaled to [-1, 1].
+
+``forward(x)`` returns only the reconstruction mean (B, 1, D, H, W), so the Model Zoo's shape and TorchScript
+checks apply; :meth:`VDVAE.forward_train` returns what the ELBO needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["VDVAE", "VDVAETrainingStep", "ResBlock", "TopDownBlock", "gaussian_kl"]
+
+ARCHITECTURE_LISTS = (
+    "channels",
+    "channels_hidden",
+    "channels_top_down",
+    "channels_hidden_top_down",
+    "channels_per_latent",
+    "latent_feature_maps_per_resolution",
+    "kernel_sizes_bottom_up",
+    "kernel_sizes_top_down",
+)
+
+
+def gaussian_kl(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mu_q, scale_q^2) || N(mu_p, scale_p^2)), same shape as the inputs."""
+    var_ratio = (scale_q / scale_p) ** 2
+    return 0.5 * (var_ratio + ((mu_q - mu_p) / scale_p) ** 2 - 1.0 - torch.log(var_ratio))
+
+
+def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Module:
+    """``kernel_size``^3 convolution that keeps the spatial size (k=2 is padded at the front of each axis)."""
+    if kernel_size not in (1, 2, 3):
+        raise ValueError(f"kernel sizes must be 1, 2 or 3, got {kernel_size}")
+    if kernel_size == 2:
+        return nn.Sequential(nn.ConstantPad3d((1, 0, 1, 0, 1, 0), 0.0), nn.Conv3d(in_ch, out_ch, 2))
+    return nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
+
+
+def _last_conv(block: nn.Module) -> nn.Conv3d:
+    return block[-1] if isinstance(block, nn.Sequential) else block
+
+
+class ResBlock(nn.Module):
+    """Pre-activation GELU bottleneck 1x1 -> k^3 -> k^3 -> 1x1, plus a skip.
+
+    Args:
+        in_channels: C_in of the input (B, C_in, D, H, W).
+        hidden_channels: width of the two k^3 convolutions.
+        out_channels: C_out of the output (B, C_out, D, H, W).
+        kernel_size: k, one of 1, 2, 3.
+        residual: add the input (identity, or a 1x1 projection when C_in != C_out).
+        last_scale: multiplies the initial weights of the last convolution (sqrt(1/depth) in the VAE).
+        zero_last: zero-initialise the last convolution (used for heads that must start at zero).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        residual: bool = True,
+        last_scale: float = 1.0,
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv3d(in_channels, hidden_channels, 1),
+                _conv(hidden_channels, hidden_channels, kernel_size),
+                _conv(hidden_channels, hidden_channels, kernel_size),
+                nn.Conv3d(hidden_channels, out_channels, 1),
+            ]
+        )
+        self.skip: nn.Module | None = None
+        if residual:
+            self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+        last = self.convs[-1]
+        with torch.no_grad():
+            if zero_last:
+                last.weight.zero_()
+            else:
+                last.weight.mul_(last_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for conv in self.convs:
+            h = conv(F.gelu(h))
+        if self.skip is not None:
+            h = h + self.skip(x)
+        return h
+
+
+class TopDownBlock(nn.Module):
+    """One latent group: prior p(z | h), posterior q(z | x, h), and h <- h + proj(z) + prior_skip.
+
+    Scales are ``lo + (hi - lo) * sigmoid(raw)`` with ``(lo, hi) = scale_bounds``. The top block of the
+    hierarchy (``unconditional_prior=True``) has the prior N(0, I) and a posterior from the encoder alone.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        encoder_channels: int,
+        hidden_channels: int,
+        latent_channels: int,
+        kernel_size: int,
+        last_scale: float,
+        scale_bounds: tuple[float, float],
+        unconditional_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.channels = channels
+        self.unconditional_prior = unconditional_prior
+        self.scale_lo, self.scale_hi = float(scale_bounds[0]), float(scale_bounds[1])
+        posterior_in = encoder_channels if unconditional_prior else encoder_channels + channels
+        self.posterior = ResBlock(posterior_in, hidden_channels, 2 * latent_channels, kernel_size, residual=False)
+        self.prior: nn.Module | None = None
+        if not unconditional_prior:
+            self.prior = ResBlock(
+                channels, hidden_channels, 2 * latent_channels + channels, kernel_size, residual=False, zero_last=True
+            )
+        self.z_proj = nn.Conv3d(latent_channels, channels, 1)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(last_scale)
+
+    def _scale(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.scale_lo + (self.scale_hi - self.scale_lo) * torch.sigmoid(raw)
+
+    def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prior mean and scale (B, Z, d, h, w) and the skip (B, C, d, h, w) added to the decoder state."""
+        if self.prior is None:
+            zeros = torch.zeros(h.shape[0], self.latent_channels, *h.shape[2:], dtype=h.dtype, device=h.device)
+            return zeros, torch.ones_like(zeros), torch.zeros_like(h)
+        out = self.prior(h)
+        z = self.latent_channels
+        return out[:, :z], self._scale(out[:, z : 2 * z]), out[:, 2 * z :]
+
+    def posterior_params(self, h: torch.Tensor, lateral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and scale (B, Z, d, h, w) from the encoder's lateral activation and the state h."""
+        inp = lateral if self.prior is None else torch.cat([lateral, h], dim=1)
+        out = self.posterior(inp)
+        z = self.latent_channels
+        return out[:, :z], self._scale(out[:, z:])
+
+    def forward(
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new h, z, KL (B, Z, d, h, w) of this group; zeros when the posterior is not used)."""
+        mu_p, scale_p, skip = self.prior_params(h)
+        if use_posterior:
+            mu_q, scale_q = self.posterior_params(h, lateral)
+            mu_q_f, scale_q_f = mu_q.float(), scale_q.float()
+            kl = gaussian_kl(mu_q_f, scale_q_f, mu_p.float(), scale_p.float())
+            z = mu_q_f + scale_q_f * torch.randn_like(mu_q_f) if sample else mu_q_f
+        else:
+            kl = torch.zeros_like(mu_p, dtype=torch.float32)
+            z = mu_p.float() + temperature * scale_p.float() * torch.randn_like(mu_p, dtype=torch.float32) if sample else mu_p.float()
+        z = z.to(h.dtype)
+        return h + skip + self.z_proj(z), z, kl
+
+
+class VDVAE(nn.Module):
+    """3D very deep VAE for single-channel volumes of ``resolution``^3 voxels scaled to [-1, 1].
+
+    Args:
+        resolution: voxels per axis, a power of two >= 2.
+        channels: encoder block output widths per level (k+1 entries, full resolution first).
+        channels_hidden: encoder bottleneck widths per level.
+        channels_top_down: decoder state widths per level.
+        channels_hidden_top_down: decoder bottleneck widths per level.
+        channels_per_latent: latent channels per group at each level (capped by the decoder width there).
+        latent_feature_maps_per_resolution: number of latent groups at each level (>= 1 at the 1^3 level).
+        kernel_sizes_bottom_up: encoder kernel size (1, 2 or 3) per level.
+        kernel_sizes_top_down: decoder kernel size (1, 2 or 3) per level.
+        in_channels: image channels (1 for the reference model).
+        convolutional_downsampling: stride-2 convolutions instead of nearest subsampling in the encoder.
+        scale_hidden_clamp_bounds: [lo, hi] of the latent scales.
+        scale_output_clamp_bounds: [lo, hi] of the per-voxel output scale.
+        output_activation_function: "tanh" (reference) or "identity" for the output mean.
+        predict_x_scale: learn the per-voxel output scale; when false it is fixed at ``fixed_x_scale``.
+        fixed_x_scale: output scale used when ``predict_x_scale`` is false.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        channels: Sequence[int],
+        channels_hidden: Sequence[int],
+        channels_top_down: Sequence[int],
+        channels_hidden_top_down: Sequence[int],
+        channels_per_latent: Sequence[int],
+        latent_feature_maps_per_resolution: Sequence[int],
+        kernel_sizes_bottom_up: Sequence[int],
+        kernel_sizes_top_down: Sequence[int],
+        in_channels: int = 1,
+        convolutional_downsampling: bool = False,
+        scale_hidden_clamp_bounds: Sequence[float] = (0.001, 1.0),
+        scale_output_clamp_bounds: Sequence[float] = (0.01, 1.0),
+        output_activation_function: str = "tanh",
+        predict_x_scale: bool = True,
+        fixed_x_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        lists = dict(
+            channels=channels,
+            channels_hidden=channels_hidden,
+            channels_top_down=channels_top_down,
+            channels_hidden_top_down=channels_hidden_top_down,
+            channels_per_latent=channels_per_latent,
+            latent_feature_maps_per_resolution=latent_feature_maps_per_resolution,
+            kernel_sizes_bottom_up=kernel_sizes_bottom_up,
+            kernel_sizes_top_down=kernel_sizes_top_down,
+        )
+        validate_architecture(resolution, **lists)
+        if output_activation_function not in ("tanh", "identity"):
+            raise ValueError(f"output_activation_function must be 'tanh' or 'identity', got {output_activation_function!r}")
+        for name, bounds in (("scale_hidden_clamp_bounds", scale_hidden_clamp_bounds), ("scale_output_clamp_bounds", scale_output_clamp_bounds)):
+            if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
+                raise ValueError(f"{name} must be [lo, hi] with 0 < lo < hi, got {list(bounds)}")
+        self.resolution = int(resolution)
+        self.in_channels = int(in_channels)
+        self.num_levels = len(channels)
+        self.output_tanh = output_activation_function == "tanh"
+        self.predict_x_scale = bool(predict_x_scale)
+        self.fixed_x_scale = float(fixed_x_scale)
+        self.out_lo, self.out_hi = float(scale_output_clamp_bounds[0]), float(scale_output_clamp_bounds[1])
+        hidden_bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
+        depth = sum(latent_feature_maps_per_resolution) + 2 * self.num_levels
+        last_scale = math.sqrt(1.0 / depth)
+
+        # ---- encoder (bottom-up) ----
+        self.encoder_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.encoder_levels = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for i in range(self.num_levels):
+            c_in = channels[max(i - 1, 0)]
+            k = kernel_sizes_bottom_up[i]
+            self.encoder_levels.append(
+                nn.Sequential(
+                    ResBlock(c_in, channels_hidden[i], channels[i], k, last_scale=last_scale),
+                    ResBlock(channels[i], channels_hidden[i], channels[i], k, last_scale=last_scale),
+                )
+            )
+            if i < self.num_levels - 1:
+                self.downsamplers.append(
+                    nn.Conv3d(channels[i], channels[i], 2, stride=2) if convolutional_downsampling else nn.Identity()
+                )
+        self.conv_downsampling = bool(convolutional_downsampling)
+
+        # ---- decoder (top-down), from the 1^3 level to full resolution ----
+        self.decoder_blocks = nn.ModuleList()  # TopDownBlock per latent group, top first
+        self.decoder_resblocks = nn.ModuleList()
+        self.group_levels: list[int] = []  # level index of each group (0 = full resolution)
+        self.level_projections = nn.ModuleList()  # 1x1 width change after each x2 upsample (Identity if equal)
+        top = self.num_levels - 1
+        for i in range(top, -1, -1):
+            c = channels_top_down[i]
+            if i < top:
+                c_above = channels_top_down[i + 1]
+                self.level_projections.append(nn.Identity() if c_above == c else nn.Conv3d(c_above, c, 1))
+            z_ch = min(channels_per_latent[i], c)
+            for j in range(latent_feature_maps_per_resolution[i]):
+                self.decoder_blocks.append(
+                    TopDownBlock(
+                        c,
+                        channels[i],
+                        channels_hidden_top_down[i],
+                        z_ch,
+                        kernel_sizes_top_down[i],
+                        last_scale,
+                        hidden_bounds,
+                        unconditional_prior=(i == top and j == 0),
+                    )
+                )
+                self.decoder_resblocks.append(
+                    ResBlock(c, channels_hidden_top_down[i], c, kernel_sizes_top_down[i], last_scale=last_scale)
+                )
+                self.group_levels.append(i)
+        self.top_channels = channels_top_down[top]
+        self.output_head = nn.Conv3d(channels_top_down[0], 2 * in_channels, 1)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_latent_groups(self) -> int:
+        return len(self.decoder_blocks)
+
+    def group_resolutions(self) -> list[int]:
+        """Voxels per axis of each latent group, top of the hierarchy first."""
+        return [self.resolution >> lvl for lvl in self.group_levels]
+
+    def latent_dims_per_group(self) -> list[int]:
+        """Number of latent dimensions (channels x voxels) of each group, top first."""
+        return [b.latent_channels * r**3 for b, r in zip(self.decoder_blocks, self.group_resolutions())]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, self.resolution, self.resolution, self.resolution)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"VDVAE expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Lateral activations per level, full resolution first: [(B, channels[i], R/2^i, ...)]."""
+        h = self.encoder_in(x)
+        laterals: list[torch.Tensor] = []
+        for i, level in enumerate(self.encoder_levels):
+            h = level(h)
+            laterals.append(h)
+            if i < self.num_levels - 1:
+                h = self.downsamplers[i](h) if self.conv_downsampling else h[:, :, ::2, ::2, ::2]
+        return laterals
+
+    def _output(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.output_head(h).float()
+        mean = out[:, : self.in_channels]
+        mean = torch.tanh(mean) if self.output_tanh else mean
+        if self.predict_x_scale:
+            scale = self.out_lo + (self.out_hi - self.out_lo) * torch.sigmoid(out[:, self.in_channels :])
+        else:
+            scale = torch.full_like(mean, self.fixed_x_scale)
+        return mean, scale
+
+    def decode(
+        self,
+        laterals: list[torch.Tensor] | None,
+        batch_size: int,
+        posterior_groups: int,
+        sample_posterior: bool = True,
+        sample_prior: bool = True,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
+        ``laterals``; the rest use the prior. Returns (mean, scale) of the output Gaussian (B, C, R, R, R) and
+        the per-volume KL of every group [(B,)] (zero for prior groups)."""
+        ref = self.output_head.weight
+        h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
+        if laterals is not None:
+            h = h.to(laterals[-1].dtype)
+        kls: list[torch.Tensor] = []
+        level = self.num_levels - 1
+        for g, (block, res) in enumerate(zip(self.decoder_blocks, self.decoder_resblocks)):
+            group_level = self.group_levels[g]
+            while level > group_level:
+                level -= 1
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                h = self.level_projections[self.num_levels - 2 - level](h)
+            use_post = g < posterior_groups
+            lateral = laterals[group_level] if (laterals is not None and use_post) else h
+            if use_post:
+                h, _, kl = block(h, lateral, use_posterior=True, sample=sample_posterior)
+            else:
+                h, _, kl = block(h, lateral, use_posterior=False, sample=sample_prior, temperature=temperature)
+            kls.append(kl.sum(dim=(1, 2, 3, 4)))
+            h = res(h)
+        while level > 0:
+            level -= 1
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = self.level_projections[self.num_levels - 2 - level](h)
+        mean, scale = self._output(h)
+        return mean, scale, kls
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction mean (B, C, R, R, R) using the posterior means of every latent group."""
+        self._check_input(x)
+        mean, _, _ = self.decode(self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=False)
+        return mean
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass with posterior samples: output mean and scale (B, C, R, R, R), KL per group (B, G)."""
+        self._check_input(x)
+        mean, scale, kls = self.decode(self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=True)
+        return mean, scale, torch.stack(kls, dim=1)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator_seed: int | None = None) -> torch.Tensor:
+        """Output means of ``n`` samples (n, C, R, R, R). Each prior draws z ~ N(mu_p, (T * sigma_p)^2): the
+        temperature scales only the standard deviation (Child 2021), so T -> 0 follows the prior means."""
+        if n <= 0:
+            raise ValueError(f"number of samples must be positive, got {n}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        mean, _, _ = self.decode(None, n, 0, sample_prior=True, temperature=temperature)
+        return mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, down_to_resolution: int | None = None) -> torch.Tensor:
+        """"Progressive" reconstruction (B, C, R, R, R): posterior means for the groups at resolutions
+        <= ``down_to_resolution`` (all groups when None), prior means below."""
+        self._check_input(x)
+        if down_to_resolution is None:
+            groups = self.num_latent_groups
+        else:
+            groups = sum(1 for r in self.group_resolutions() if r <= down_to_resolution)
+        mean, _, _ = self.decode(self.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False)
+        return mean
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Negative ELBO per volume: see :func:`scripts.losses.negative_elbo_terms` for the units."""
+        from scripts.losses import negative_elbo_terms
+
+        mean, scale, kl = self.forward_train(x)
+        return negative_elbo_terms(x, mean, scale, kl)
+
+
+class VDVAETrainingStep(nn.Module):
+    """Wraps a :class:`VDVAE` so that its training pass is ``forward`` (what DistributedDataParallel calls).
+
+    Shares parameters with ``vae``; its state dict is the VAE's under the prefix ``vae.``.
+    """
+
+    def __init__(self, vae: VDVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.vae.forward_train(x)
+
+
+def validate_architecture(resolution: int, **lists: Sequence[int]) -> None:
+    """Raises ValueError naming the option when ``resolution`` or a per-level list is invalid."""
+    if not isinstance(resolution, int) or resolution < 2 or resolution & (resolution - 1):
+        raise ValueError(f"resolution must be a power of two >= 2 (8, 16, 32, 64, 128, ...), got {resolution!r}")
+    levels = int(math.log2(resolution)) + 1
+    for name in ARCHITECTURE_LISTS:
+        values = lists[name]
+        if len(values) != levels:
+            raise ValueError(
+                f"{name} must have log2(resolution) + 1 = {levels} entries for resolution {resolution} "
+                f"(full resolution first, 1^3 last), got {len(values)}: {list(values)}"
+            )
+        if any((not isinstance(v, int)) or v < 0 for v in values):
+            raise ValueError(f"{name} must hold non-negative integers, got {list(values)}")
+        if name != "latent_feature_maps_per_resolution" and any(v < 1 for v in values):
+            raise ValueError(f"{name} entries must be >= 1, got {list(values)}")
+    if lists["latent_feature_maps_per_resolution"][-1] < 1:
+        raise ValueError("latent_feature_maps_per_resolution must have at least 1 group at the 1^3 level (its last entry)")
+    bad = [k for k in list(lists["kernel_sizes_bottom_up"]) + list(lists["kernel_sizes_top_down"]) if k not in (1, 2, 3)]
+    if bad:
+        raise ValueError(f"kernel_sizes_bottom_up / kernel_sizes_top_down entries must be 1, 2 or 3, got {bad}")

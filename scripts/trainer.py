@@ -1,0 +1,293 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""Ignite/MONAI engines for the VDVAE: a trainer with clipping, safe gradient skipping, mixed precision and EMA,
+and an evaluator that reports the negative ELBO per volume."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.metrics import Average
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from scripts.losses import negative_elbo_terms
+
+__all__ = ["VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
+
+logger = logging.getLogger(__name__)
+
+AMP_MODES = ("none", "bfloat16", "float16")
+
+
+def autocast(device: torch.device | str, amp: str):
+    """Autocast context for ``amp`` in AMP_MODES: bfloat16 on CPU or CUDA, float16 on CUDA only."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    device_type = torch.device(device).type
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "float16" and device_type != "cuda":
+        raise ValueError("amp='float16' needs a CUDA device; use amp='bfloat16' on CPU")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bfloat16" else torch.float16)
+
+
+def make_ema(network: nn.Module, decay: float) -> AveragedModel | None:
+    """Exponential moving average of ``network``'s weights (torch's AveragedModel), or None when decay is 0."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+    if decay == 0.0:
+        return None
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on any rank (so every rank takes the same decision under DDP)."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+    return flag
+
+
+class GradientSkipper:
+    """Decides whether to skip an update from its gradient norm, in a way that cannot stall training.
+
+    An update is skipped when its norm is not finite, or when it exceeds
+    ``gradient_skip_factor * median of the last `window` finite norms`` (once ``warmup`` norms have been seen;
+    before that, and whenever ``gradient_skip_factor`` is 0, the fixed ``gradient_skipping_value``). Every finite norm, skipped or not, enters the window, so a lasting rise of the norm raises the threshold
+    within ``window / 2`` steps instead of skipping forever (the failure of a fixed threshold). After ``max_consecutive_skips`` skips in a row a
+    RuntimeError says so. ``gradient_skip_factor`` = 0 keeps only the fixed threshold (reference behaviour),
+    which is still bounded by ``max_consecutive_skips``.
+    """
+
+    def __init__(
+        self,
+        gradient_skipping_value: float = 1e12,
+        gradient_skip_factor: float = 10.0,
+        window: int = 100,
+        warmup: int = 20,
+        max_consecutive_skips: int = 50,
+    ) -> None:
+        if gradient_skipping_value <= 0 or gradient_skip_factor < 0 or window < 1 or max_consecutive_skips < 1:
+            raise ValueError(
+                "gradient_skipping_value must be > 0, gradient_skip_factor >= 0, window and max_consecutive_skips >= 1"
+            )
+        self.fixed = float(gradient_skipping_value)
+        self.factor = float(gradient_skip_factor)
+        self.warmup = int(warmup)
+        self.max_consecutive = int(max_consecutive_skips)
+        self.norms: deque[float] = deque(maxlen=int(window))
+        self.consecutive = 0
+        self.skipped_total = 0
+        self.nonfinite_total = 0
+
+    def threshold(self) -> float:
+        """The current norm threshold: adaptive once warmed up, else the fixed value."""
+        if self.factor > 0 and len(self.norms) >= self.warmup:
+            return self.factor * sorted(self.norms)[len(self.norms) // 2]
+        return self.fixed
+
+    def should_skip(self, grad_norm: float) -> bool:
+        finite = math.isfinite(grad_norm)
+        skip = (not finite) or grad_norm > self.threshold()
+        if finite:
+            self.norms.append(grad_norm)
+        return skip
+
+    def record(self, skipped: bool, nonfinite: bool) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped_total += 1
+        self.nonfinite_total += int(nonfinite)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} consecutive updates were skipped (gradient norm non-finite or above "
+                f"{self.threshold():.4g}; {self.nonfinite_total} non-finite in total). Training has diverged or "
+                "the skip threshold is too low: lower learning_rate, use amp='none', or raise "
+                "gradient_skipping_value / gradient_skip_factor / max_consecutive_skips."
+            )
+
+    def state_dict(self) -> dict:
+        return {
+            "norms": list(self.norms),
+            "consecutive": self.consecutive,
+            "skipped_total": self.skipped_total,
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.norms.clear()
+        self.norms.extend(float(v) for v in state["norms"])
+        self.consecutive = int(state["consecutive"])
+        self.skipped_total = int(state["skipped_total"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+
+
+class VDVAETrainer(SupervisedTrainer):
+    """SupervisedTrainer for the VDVAE ELBO.
+
+    ``network`` is a module whose forward returns (mean, scale, kl_per_group), i.e. a
+    :class:`scripts.networks.VDVAETrainingStep`, possibly wrapped in DistributedDataParallel; ``loss_function``
+    is a :class:`scripts.losses.ELBOLoss`. Each iteration: forward under ``amp`` autocast, backward, clip the
+    gradient norm to ``gradient_clipping_value``, skip the update when :class:`GradientSkipper` says so (the
+    decision is all-reduced, so under DDP every rank skips together), step, update the EMA.
+
+    ``engine.state.output`` holds ``image``, ``recon`` (posterior-sample output mean), ``loss`` (float) and
+    ``scalars`` (a dict of floats for TensorBoard: loss, ELBO terms, KL per group, gradient norm, skipped
+    updates, learning rate).
+
+    Args (beyond SupervisedTrainer's, whose ``amp`` is not used: it autocasts on CUDA only):
+        amp_mode: "none", "bfloat16" (CPU or CUDA) or "float16" (CUDA, with a GradScaler).
+        gradient_clipping_value: max gradient norm (reference: 100).
+        skipper: a :class:`GradientSkipper`.
+        ema: an AveragedModel of the VAE (from :func:`make_ema`), or None.
+        channels_last: run in channels-last-3d memory format (faster convolutions on CPU and GPU).
+        group_names: names of the latent groups for the KL scalars.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        amp_mode: str = "none",
+        gradient_clipping_value: float = 100.0,
+        skipper: GradientSkipper | None = None,
+        ema: AveragedModel | None = None,
+        channels_last: bool = False,
+        group_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        device = torch.device(self.state.device)
+        autocast(device, amp_mode)  # validates the mode for this device
+        self.amp_mode = amp_mode
+        self.clip = float(gradient_clipping_value)
+        self.skipper = skipper if skipper is not None else GradientSkipper()
+        self.ema = ema
+        self.channels_last = bool(channels_last)
+        self.group_names = list(group_names) if group_names is not None else None
+        self.scaler = torch.amp.GradScaler("cuda") if amp_mode == "float16" else None
+        self.state.skipped_updates = 0  # logged per epoch
+
+    def _iteration(self, engine: VDVAETrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        if engine.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with autocast(engine.state.device, engine.amp_mode):
+            mean, scale, kl = engine.inferer(x, engine.network)
+        terms = engine.loss_function(x, mean, scale, kl, step=engine.state.iteration)
+        loss = terms["loss"]
+        terms = {k: v.detach() for k, v in terms.items()}
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.scaler.unscale_(engine.optimizer)
+        else:
+            loss.backward()
+        params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, engine.clip))
+        skip_local = engine.skipper.should_skip(grad_norm)
+        skip = _all_ranks_agree(skip_local, torch.device(engine.state.device))
+        nonfinite = not math.isfinite(grad_norm)
+        if engine.scaler is not None:
+            if skip:  # the scaler must still see the overflow to lower its scale
+                engine.optimizer.zero_grad(set_to_none=True)
+                engine.scaler.update()
+            else:
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+        elif not skip:
+            engine.optimizer.step()
+        if not skip and engine.ema is not None:
+            engine.ema.update_parameters(_unwrap_vae(engine.network))
+        engine.skipper.record(skip, nonfinite)
+        engine.state.skipped_updates = engine.skipper.skipped_total
+
+        scalars = {
+            "loss": float(loss.detach()),
+            "neg_elbo_nats_per_voxel": float(terms["neg_elbo_nats"]),
+            "neg_elbo_bits_per_voxel": float(terms["neg_elbo_bits"]),
+            "nll_nats_per_volume": float(terms["nll"]),
+            "kl_nats_per_volume": float(terms["kl"]),
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            "skipped_updates": float(engine.skipper.skipped_total),
+            "learning_rate": float(engine.optimizer.param_groups[0]["lr"]),
+        }
+        names = engine.group_names or [f"{i:02d}" for i in range(terms["kl_per_group"].numel())]
+        for name, value in zip(names, terms["kl_per_group"].tolist()):
+            scalars[f"kl_per_group/{name}"] = value
+        engine.state.output = {
+            "image": x.detach(),
+            "recon": mean.detach(),
+            "loss": scalars["loss"],
+            "neg_elbo_nats": terms["neg_elbo_nats"],
+            "scalars": scalars,
+        }
+        return engine.state.output
+
+
+def _unwrap_vae(module: nn.Module) -> nn.Module:
+    """The VDVAE inside DDP and/or a VDVAETrainingStep wrapper."""
+    module = getattr(module, "module", module)  # DistributedDataParallel
+    return getattr(module, "vae", module)
+
+
+class VDVAEEvaluator(SupervisedEvaluator):
+    """Evaluator whose output holds per-volume ELBO figures (see :func:`scripts.losses.negative_elbo_terms`):
+    ``neg_elbo_nats``, ``neg_elbo_bits``, ``kl_per_group`` (B, G), plus ``image`` and ``recon`` (posterior
+    means). ``network`` is the VDVAE (or its EMA: an AveragedModel, whose ``module`` is used)."""
+
+    def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        autocast(self.state.device, amp_mode)
+        self.amp_mode = amp_mode
+        self.channels_last = bool(channels_last)
+
+    def _iteration(self, engine: VDVAEEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
+        x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        if engine.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        vae = engine.network.module if isinstance(engine.network, AveragedModel) else engine.network
+        vae.eval()
+        with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
+            mean, scale, kl = vae.forward_train(x)
+            terms = negative_elbo_terms(x, mean, scale, kl)
+            recon = vae.reconstruct(x) if engine.state.iteration == 1 else None
+        engine.state.output = {"image": x, "recon": recon, **terms}
+        return engine.state.output
+
+
+def metric_lower_is_better(current: float, previous: float) -> bool:
+    """metric_cmp_fn for the negative ELBO key metric."""
+    return current < previous
+
+
+class VolumeAverage(Average):
+    """Ignite Average over volumes of a per-volume output (B,) as a float; exact under DDP (sums and counts
+    are all-reduced, no padding)."""
+
+    def compute(self) -> float:
+        return float(torch.as_tensor(super().compute()).reshape(-1)[0])
+
+
+def average_metric(key: str) -> VolumeAverage:
+    """Mean over volumes of ``engine.state.output[key]``."""
+    return VolumeAverage(output_transform=lambda out: out[key].detach().float().reshape(-1, 1))
