@@ -10,11 +10,13 @@ the preprocessing grid (affine of a preprocessed volume) and the training set's 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,6 +199,8 @@ def ensure_default_dataset(folder: str, timeout_s: float = 1800.0, **kwargs) -> 
     from scripts.default_data import generate_mni_cohort
 
     logger.info(f"generating the built-in MNI template cohort into {folder} (first use only)")
+    for stale in glob.glob(f"{folder.rstrip('/')}.tmp*"):  # left by an interrupted generation
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = f"{folder.rstrip('/')}.tmp{os.getpid()}"
     generate_mni_cohort(tmp, **kwargs)
     os.replace(tmp, folder)

@@ -96,5 +96,9 @@ def generate_mni_cohort(
     return paths
 
 
+def main(**kwargs) -> None:
+    generate_mni_cohort(**kwargs)
+
+
 if __name__ == "__main__":
-    fire.Fire(lambda **kw: print(len(generate_mni_cohort(**kw)), "files"))
+    fire.Fire(main)

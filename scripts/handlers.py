@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.utils import set_determinism
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -51,7 +51,9 @@ class ReseedEachEpoch:
 
     def __call__(self, engine: Engine) -> None:
         seed = self.seed + engine.state.epoch
-        set_determinism(seed=seed)
+        torch.manual_seed(seed)  # CPU and CUDA generators (shuffling, worker seeds, latent noise)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=seed)
 

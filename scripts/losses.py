@@ -33,15 +33,24 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """-log P(bin of x) for the Gaussian discretised to 256 bins over [-1, 1], summed per volume, in nats."""
-    half_bin = 1.0 / (NUM_BINS - 1)
-    x = torch.round((x.float().clamp(-1, 1) + 1) * (NUM_BINS - 1) / 2) * 2 / (NUM_BINS - 1) - 1
-    mean, scale = mean.float(), scale.float()
-    normal = torch.distributions.Normal(mean, scale)
-    upper = torch.where(x > 1 - half_bin, torch.ones_like(x), normal.cdf(x + half_bin))
-    lower = torch.where(x < -1 + half_bin, torch.zeros_like(x), normal.cdf(x - half_bin))
-    prob = (upper - lower).clamp_min(1e-12)
-    return -torch.log(prob).flatten(1).sum(1)
+    """-log P(bin of x) for the Gaussian discretised to 256 bins over [-1, 1], summed per volume, in nats.
+
+    Computed in float64 with log-CDFs on the tail side of the mean, so far-off bins keep their (tiny)
+    probabilities instead of rounding to zero. For reporting only (no gradient)."""
+    with torch.no_grad():
+        half_bin = 1.0 / (NUM_BINS - 1)
+        x = torch.round((x.double().clamp(-1, 1) + 1) * (NUM_BINS - 1) / 2) * 2 / (NUM_BINS - 1) - 1
+        mean, scale = mean.double(), scale.double()
+        inf = torch.full_like(x, float("inf"))
+        upper = torch.where(x > 1 - half_bin, inf, (x + half_bin - mean) / scale)  # standardised bin edges
+        lower = torch.where(x < -1 + half_bin, -inf, (x - half_bin - mean) / scale)
+        # P = Phi(upper) - Phi(lower) = Phi(-lower) - Phi(-upper): use the side where both CDFs are small
+        flip = lower > 0
+        b = torch.where(flip, -lower, upper)
+        a = torch.where(flip, -upper, lower)
+        log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+        log_p = log_b + torch.log1p(-torch.exp(log_a - log_b).clamp(max=1 - 1e-16))
+        return -log_p.flatten(1).sum(1).float()
 
 
 def negative_elbo_terms(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:

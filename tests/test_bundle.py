@@ -1,0 +1,127 @@
+"""End-to-end: the bundle's configs through `python -m monai.bundle run` and ConfigWorkflow, on tiny data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from scripts.handlers import latest_checkpoint
+from scripts.networks import VDVAE
+from tests.conftest import ROOT, tiny_architecture
+
+
+def tiny_overrides(nifti_dir: str, out: str, **extra) -> dict:
+    opts = {
+        "dataset_dir": nifti_dir,
+        "output_dir": out,
+        "model_path": os.path.join(out, "model.pt"),
+        "resolution": 16,
+        "batch_size": 4,
+        "max_epochs": 2,
+        "num_workers": 0,
+        "train_frac": 0.75,
+        "amp": "none",
+        "images_to_plot": 1,
+        **tiny_architecture(16),
+    }
+    opts.update(extra)
+    return opts
+
+
+def run_bundle(overrides: dict, config_file: str = "configs/train.json", check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bundle run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_train_writes_model_and_resumable_checkpoint_then_resumes(tmp_path, nifti_dir):
+    out = str(tmp_path / "run")
+    opts = tiny_overrides(nifti_dir, out, max_epochs=1, visualise_training_pipeline_before_starting=True)
+    run_bundle(opts)
+    model_path = os.path.join(out, "model.pt")
+    state = torch.load(model_path, weights_only=True)
+    net = VDVAE(16, **tiny_architecture(16))
+    net.load_state_dict(state)  # a plain state dict of network_def
+    ckpt = latest_checkpoint(os.path.join(out, "checkpoints"))
+    assert ckpt is not None
+    full = torch.load(ckpt, weights_only=True)
+    assert {"trainer", "network", "optimizer", "gradient_skipper", "data", "best_model"} <= set(full)
+    assert full["trainer"]["epoch"] == 1
+    assert full["data"]["preprocessing"]["spatial_shape"] == [16, 16, 16]
+    assert len(full["data"]["val_files"]) == 3
+    assert os.path.isfile(os.path.join(out, "pipeline_test", "montage.png"))
+    assert len([f for f in os.listdir(os.path.join(out, "pipeline_test")) if f.endswith(".nii.gz")]) == 8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+
+    # a second run with more epochs continues from epoch 1 instead of starting over
+    proc = run_bundle({**opts, "max_epochs": 2, "visualise_training_pipeline_before_starting": False})
+    assert "resuming from iteration 3, epoch 1 until 2 epochs" in proc.stdout + proc.stderr
+    full = torch.load(latest_checkpoint(os.path.join(out, "checkpoints")), weights_only=True)
+    assert full["trainer"]["epoch"] == 2
+
+
+def test_resume_is_exact_at_epoch_boundaries(tmp_path, nifti_dir):
+    straight = str(tmp_path / "straight")
+    run_bundle(tiny_overrides(nifti_dir, straight, max_epochs=2))
+    split = str(tmp_path / "split")
+    run_bundle(tiny_overrides(nifti_dir, split, max_epochs=1))
+    run_bundle(tiny_overrides(nifti_dir, split, max_epochs=2))
+    a = torch.load(latest_checkpoint(os.path.join(straight, "checkpoints")), weights_only=True)["network"]
+    b = torch.load(latest_checkpoint(os.path.join(split, "checkpoints")), weights_only=True)["network"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_options_are_reported_by_name(tmp_path, nifti_dir):
+    out = str(tmp_path / "bad")
+    proc = run_bundle({**tiny_overrides(nifti_dir, out), "batch_sise": 4}, check=False)
+    assert proc.returncode != 0
+    assert "unknown option 'batch_sise' (did you mean 'batch_size'?)" in proc.stderr
+    proc = run_bundle(tiny_overrides(nifti_dir, out, amp="half", learning_rate="fast"), check=False)
+    assert proc.returncode != 0
+    assert "option 'amp'" in proc.stderr and "option 'learning_rate'" in proc.stderr
+    proc = run_bundle(tiny_overrides(nifti_dir, out, channels=[8, 8, 8]), check=False)
+    assert proc.returncode != 0 and "channels must have log2(resolution) + 1 = 5 entries" in proc.stderr
+    proc = run_bundle(tiny_overrides(nifti_dir, out, resolution=24), check=False)
+    assert proc.returncode != 0 and "resolution must be a power of two" in proc.stderr
+    proc = run_bundle(tiny_overrides(str(tmp_path / "empty"), out), check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_config_workflow_check_properties(tmp_path, nifti_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path / "wf")
+    workflow = ConfigWorkflow(
+        workflow_type="train",
+        config_file="configs/train.json",
+        meta_file="configs/metadata.json",
+        logging_file="configs/logging.conf",
+        **tiny_overrides(nifti_dir, out, max_epochs=1),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+    assert workflow.max_epochs == 1
+    assert len(workflow.train_dataset) == 9
+    workflow.run()
+    workflow.finalize()
+    assert os.path.isfile(os.path.join(out, "model.pt"))
+
+
+@pytest.mark.parametrize("preset, resolution, batch", [("vdvae_32", 32, 64), ("vdvae_64", 64, 8), ("vdvae_128", 128, 1)])
+def test_presets_reproduce_reference_examples(preset, resolution, batch):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs/train.json"), os.path.join(ROOT, f"configs/{preset}.json")])
+    assert parser["resolution"] == resolution and parser["batch_size"] == batch
+    levels = resolution.bit_length()
+    assert parser["channels"] == [20 * (i + 1) for i in range(levels)]
+    assert parser["latent_feature_maps_per_resolution"] == [2] + list(range(levels - 1, 0, -1))

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from scripts.networks import VDVAE, VDVAETrainingStep, gaussian_kl
+from tests.conftest import reference_architecture, tiny_architecture
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 32])
+def test_shapes(resolution):
+    torch.manual_seed(0)
+    net = VDVAE(resolution, **tiny_architecture(resolution))
+    x = torch.rand(2, 1, resolution, resolution, resolution) * 2 - 1
+    recon = net(x)
+    assert isinstance(recon, torch.Tensor) and recon.shape == x.shape
+    assert recon.abs().max() <= 1.0  # tanh output
+    mean, scale, kl = net.forward_train(x)
+    assert mean.shape == scale.shape == x.shape
+    assert kl.shape == (2, net.num_latent_groups)
+    assert (scale >= 0.01).all() and (scale <= 1.0).all()
+    assert (kl >= 0).all()
+    assert net.sample(3, 0.5).shape == (3, 1, resolution, resolution, resolution)
+
+
+@pytest.mark.parametrize(
+    "resolution, expected, groups",
+    [(32, 10_335_682, 17), (64, 19_267_582, 23)],
+)
+def test_parameter_count_matches_reference(resolution, expected, groups):
+    net = VDVAE(resolution, **reference_architecture(resolution))
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - expected) / expected < 0.05, count
+    assert net.num_latent_groups == groups
+
+
+def test_sampling_is_deterministic_for_a_seed_and_temperature_matters():
+    net = VDVAE(16, **tiny_architecture(16))
+    # make the prior non-trivial so that samples differ
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = net.sample(2, 1.0, generator_seed=3)
+    b = net.sample(2, 1.0, generator_seed=3)
+    c = net.sample(2, 1.0, generator_seed=4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    cold1 = net.sample(2, 1e-6, generator_seed=1)
+    cold2 = net.sample(2, 1e-6, generator_seed=2)
+    assert torch.allclose(cold1, cold2, atol=1e-4)  # T -> 0 follows the prior means
+    with pytest.raises(ValueError, match="temperature"):
+        net.sample(1, 0.0)
+    with pytest.raises(ValueError, match="number of samples"):
+        net.sample(0)
+
+
+def test_progressive_reconstruction_uses_posterior_down_to_resolution():
+    torch.manual_seed(0)
+    net = VDVAE(16, **tiny_architecture(16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    full = net.reconstruct(x)
+    assert torch.allclose(full, net(x))
+    assert torch.allclose(net.reconstruct(x, 16), full)
+    coarse = net.reconstruct(x, 1)
+    assert not torch.allclose(coarse, full)
+    # with the prior alone below 1^3, the result depends on x only through the top group
+    other = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    assert not torch.allclose(net.reconstruct(other, 1), coarse)
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mq, mp = torch.randn(5, 3), torch.randn(5, 3)
+    sq, sp = torch.rand(5, 3) + 0.1, torch.rand(5, 3) + 0.1
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq), torch.distributions.Normal(mp, sp))
+    assert torch.allclose(gaussian_kl(mq, sq, mp, sp), ref, atol=1e-6)
+
+
+def test_training_step_wrapper_shares_parameters():
+    net = VDVAE(8, **tiny_architecture(8))
+    step = VDVAETrainingStep(net)
+    assert {id(p) for p in step.parameters()} == {id(p) for p in net.parameters()}
+    out = step(torch.zeros(1, 1, 8, 8, 8))
+    assert len(out) == 3
+
+
+def test_wrong_input_shape_is_reported():
+    net = VDVAE(8, **tiny_architecture(8))
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 1, 8, 8, 8\)"):
+        net(torch.zeros(1, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize("resolution", [0, 12, 24, 100])
+def test_non_power_of_two_resolution(resolution):
+    with pytest.raises(ValueError, match="resolution must be a power of two"):
+        VDVAE(resolution, **tiny_architecture(16))
+
+
+def test_wrong_list_length_names_the_option():
+    arch = tiny_architecture(16)
+    arch["channels_per_latent"] = arch["channels_per_latent"][:-1]
+    with pytest.raises(ValueError, match=r"channels_per_latent must have log2\(resolution\) \+ 1 = 5 entries"):
+        VDVAE(16, **arch)
+
+
+def test_bad_kernel_size_and_empty_top_level():
+    arch = tiny_architecture(16)
+    arch["kernel_sizes_top_down"] = [5, 3, 3, 2, 1]
+    with pytest.raises(ValueError, match="kernel_sizes"):
+        VDVAE(16, **arch)
+    arch = tiny_architecture(16)
+    arch["latent_feature_maps_per_resolution"] = [1, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match="1\\^3 level"):
+        VDVAE(16, **arch)

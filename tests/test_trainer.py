@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from scripts.networks import VDVAE
+from scripts.trainer import GradientSkipper, autocast, make_ema
+from tests.conftest import tiny_architecture
+
+
+def test_fixed_threshold_alone_would_stall_but_adaptive_skipping_recovers():
+    # gradient norms rise for good (as when a model moves to a new regime): a fixed threshold of 50 would
+    # skip every update from step 30 on; the adaptive threshold follows the norms and accepts again
+    skipper = GradientSkipper(gradient_skipping_value=50.0, gradient_skip_factor=3.0, window=20, warmup=5, max_consecutive_skips=1000)
+    decisions = []
+    for step in range(200):
+        norm = 10.0 if step < 30 else 100.0
+        skip = skipper.should_skip(norm)
+        skipper.record(skip, False)
+        decisions.append(skip)
+    assert any(decisions[30:40])  # the jump is first treated as an outlier
+    assert not any(decisions[60:])  # and then accepted: no stall
+    assert skipper.consecutive == 0
+
+
+def test_isolated_spike_is_skipped_and_nonfinite_counted():
+    skipper = GradientSkipper(gradient_skip_factor=10.0, warmup=5)
+    for _ in range(10):
+        assert not skipper.should_skip(1.0)
+        skipper.record(False, False)
+    assert skipper.should_skip(50.0)
+    skipper.record(True, False)
+    assert skipper.should_skip(float("nan"))
+    skipper.record(True, True)
+    assert skipper.skipped_total == 2 and skipper.nonfinite_total == 1
+    state = skipper.state_dict()
+    other = GradientSkipper()
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_too_many_consecutive_skips_is_a_clear_error():
+    skipper = GradientSkipper(max_consecutive_skips=3)
+    with pytest.raises(RuntimeError, match="3 consecutive updates were skipped"):
+        for _ in range(3):
+            skipper.record(skipper.should_skip(math.inf), True)
+
+
+def test_autocast_modes():
+    with pytest.raises(ValueError, match="amp must be one of"):
+        autocast("cpu", "half")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        autocast("cpu", "float16")
+    net = VDVAE(8, **tiny_architecture(8))
+    with autocast("cpu", "bfloat16"):
+        mean, scale, kl = net.forward_train(torch.zeros(1, 1, 8, 8, 8))
+    assert mean.dtype == torch.float32 and kl.dtype == torch.float32  # likelihood terms stay in float32
+
+
+def test_ema_tracks_weights():
+    net = VDVAE(8, **tiny_architecture(8))
+    assert make_ema(net, 0.0) is None
+    ema = make_ema(net, 0.5)
+    w0 = net.output_head.weight.detach().clone()
+    with torch.no_grad():
+        net.output_head.weight.add_(1.0)
+    ema.update_parameters(net)  # first update copies
+    with torch.no_grad():
+        net.output_head.weight.add_(1.0)
+    ema.update_parameters(net)
+    assert torch.allclose(ema.module.output_head.weight, w0 + 1.5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_ema(net, 1.0)
