@@ -42,7 +42,10 @@ def check_hyperparameters(values: dict, schema: dict) -> None:
     validator = jsonschema.Draft7Validator(schema)
     for err in sorted(validator.iter_errors({k: v for k, v in values.items() if k in known}), key=lambda e: list(e.path)):
         where = "/".join(str(p) for p in err.path) or "(top level)"
-        errors.append(f"option {where!r}: {err.message}")
+        hint = ""
+        if err.validator == "type" and err.validator_value == "boolean" and isinstance(err.instance, str):
+            hint = " (on the command line write True or False)"
+        errors.append(f"option {where!r}: {err.message}{hint}")
     if errors:
         raise ValueError("invalid bundle options:\n  - " + "\n  - ".join(errors))
 

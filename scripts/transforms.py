@@ -13,16 +13,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import Affine, MapTransform, RandomizableTransform
+from monai.transforms import Affine, LoadImaged, MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
-__all__ = ["ValidateVolumed", "RandGhostingd", "RandMotiond", "RandAxisResampled", "RandZeroEdgesd"]
+__all__ = ["LoadVolumed", "ValidateVolumed", "RandGhostingd", "RandMotiond", "RandAxisResampled", "RandZeroEdgesd"]
 
 
 def _filename(d: Mapping, key: Hashable) -> str:
     img = d[key]
     meta = getattr(img, "meta", None) or d.get(f"{key}_meta_dict", {})
     return str(meta.get("filename_or_obj", "<in-memory volume>"))
+
+
+class LoadVolumed(LoadImaged):
+    """MONAI's LoadImaged whose read errors (truncated or corrupt files) name the file."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:
+            names = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
+            raise ValueError(f"{names}: could not read this NIfTI file ({type(e).__name__}: {e})") from e
 
 
 class ValidateVolumed(MapTransform):

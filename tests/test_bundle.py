@@ -35,7 +35,7 @@ def tiny_overrides(nifti_dir: str, out: str, **extra) -> dict:
 def run_bundle(overrides: dict, config_file: str = "configs/train.json", check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file]
     for k, v in overrides.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+        cmd += [f"--{k}", v if isinstance(v, str) else str(v) if isinstance(v, bool) else json.dumps(v)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -54,7 +54,7 @@ def test_train_writes_model_and_resumable_checkpoint_then_resumes(tmp_path, nift
     assert ckpt is not None
     full = torch.load(ckpt, weights_only=True)
     assert {"trainer", "network", "optimizer", "gradient_skipper", "data", "best_model"} <= set(full)
-    assert full["trainer"]["epoch"] == 1
+    assert full["trainer"]["iteration"] == 3  # 9 training volumes, batch 4: one epoch
     assert full["data"]["preprocessing"]["spatial_shape"] == [16, 16, 16]
     assert len(full["data"]["val_files"]) == 3
     assert os.path.isfile(os.path.join(out, "pipeline_test", "montage.png"))
@@ -63,9 +63,11 @@ def test_train_writes_model_and_resumable_checkpoint_then_resumes(tmp_path, nift
 
     # a second run with more epochs continues from epoch 1 instead of starting over
     proc = run_bundle({**opts, "max_epochs": 2, "visualise_training_pipeline_before_starting": False})
-    assert "resuming from iteration 3, epoch 1 until 2 epochs" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "Restored all variables from" in log and "checkpoint_3.pt" in log
+    assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     full = torch.load(latest_checkpoint(os.path.join(out, "checkpoints")), weights_only=True)
-    assert full["trainer"]["epoch"] == 2
+    assert full["trainer"]["iteration"] == 6
 
 
 def test_resume_is_exact_at_epoch_boundaries(tmp_path, nifti_dir):
@@ -85,9 +87,10 @@ def test_bad_options_are_reported_by_name(tmp_path, nifti_dir):
     proc = run_bundle({**tiny_overrides(nifti_dir, out), "batch_sise": 4}, check=False)
     assert proc.returncode != 0
     assert "unknown option 'batch_sise' (did you mean 'batch_size'?)" in proc.stderr
-    proc = run_bundle(tiny_overrides(nifti_dir, out, amp="half", learning_rate="fast"), check=False)
+    proc = run_bundle(tiny_overrides(nifti_dir, out, amp="half", learning_rate="fast", resume="false"), check=False)
     assert proc.returncode != 0
     assert "option 'amp'" in proc.stderr and "option 'learning_rate'" in proc.stderr
+    assert "option 'resume': 'false' is not of type 'boolean' (on the command line write True or False)" in proc.stderr
     proc = run_bundle(tiny_overrides(nifti_dir, out, channels=[8, 8, 8]), check=False)
     assert proc.returncode != 0 and "channels must have log2(resolution) + 1 = 5 entries" in proc.stderr
     proc = run_bundle(tiny_overrides(nifti_dir, out, resolution=24), check=False)
