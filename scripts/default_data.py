@@ -4,8 +4,10 @@ nilearn ships (no download; licence in docs/data_license.txt).
 
 Each subject is the skull-stripped 2 mm template padded to a cube, resized to ``voxels_per_axis``^3 and then
 deformed and re-contrasted with MONAI transforms: random affine (rotation, scale, translation), elastic
-deformation, bias field, gamma contrast and Gaussian noise. Files are float32 NIfTI with the template's
-orientation and the resized voxel size.
+deformation, bias field, gamma contrast and Gaussian noise over the whole volume, background included, as in
+MR magnitude images. (A background of exact zeros lets the per-voxel Gaussian shrink its scale to the floor
+there, and the resulting likelihood spikes made training at the default learning rate diverge.) Files are
+float32 NIfTI with the template's orientation and the resized voxel size.
 
 CLI: ``python -m scripts.default_data --output_directory data/mni_cohort --number_of_files 200``
 """
@@ -87,7 +89,7 @@ def generate_mni_cohort(
     start = time.time()
     base = torch.from_numpy(template)[None]
     for i in range(number_of_files):
-        vol = torch.as_tensor(deform(base))[0].clamp_min(0).numpy().astype(np.float32)
+        vol = torch.as_tensor(deform(base))[0].numpy().astype(np.float32)  # noise everywhere, as in MR magnitude images
         path = os.path.join(output_directory, f"subject_{i:04d}.nii.gz")
         nib.save(nib.Nifti1Image(vol, affine), path)
         paths.append(path)

@@ -128,3 +128,32 @@ def test_presets_reproduce_reference_examples(preset, resolution, batch):
     levels = resolution.bit_length()
     assert parser["channels"] == [20 * (i + 1) for i in range(levels)]
     assert parser["latent_feature_maps_per_resolution"] == [2] + list(range(levels - 1, 0, -1))
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, nifti_dir):
+    import signal
+    import time
+
+    out = str(tmp_path / "killed")
+    opts = tiny_overrides(nifti_dir, out, max_epochs=40, save_every_n_iterations=1)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json"]
+    for k, v in opts.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is not None and int(os.path.basename(latest)[11:-3]) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    files = [f for f in os.listdir(ckpt_dir) if f.endswith(".pt")]
+    assert files and all(torch.load(os.path.join(ckpt_dir, f), weights_only=True)["trainer"] for f in files)
+    killed_at = int(os.path.basename(latest_checkpoint(ckpt_dir))[11:-3])
+    assert killed_at < 120, "the run finished before it was killed"
+    proc = run_bundle({**opts, "max_epochs": 41})
+    assert "Restored all variables from" in proc.stdout + proc.stderr
+    final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)
+    assert final["trainer"]["iteration"] == 41 * 3

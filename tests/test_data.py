@@ -136,3 +136,30 @@ def test_disk_cache_never_serves_stale_data(tmp_path):
     _save(tmp_path / "v.nii.gz", np.full((4, 4, 4), 2.0))
     ds = make_dataset([{"image": path}], load, "disk", str(tmp_path / "cache"))
     assert float(ds[0]["image"].mean()) == 2.0
+
+
+def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
+    from scripts.check_samples import dice
+    from scripts.default_data import generate_mni_cohort, template_volume
+
+    paths = generate_mni_cohort(str(tmp_path), number_of_files=3, voxels_per_axis=16, seed=2)
+    vols = np.stack([nib.load(p).get_fdata() for p in paths])
+    assert vols.shape == (3, 16, 16, 16) and np.isfinite(vols).all()
+    template, affine = template_volume(16)
+    brain = template > 0.1
+    assert 0.1 < brain.mean() < 0.6  # a brain inside a padded cube
+    for v in vols:
+        assert dice(v > 0.1, brain) > 0.6  # still brain-shaped
+    assert not np.allclose(vols[0], vols[1])  # but each subject differs
+    assert np.allclose(nib.load(paths[0]).affine, affine)
+
+
+def test_dice():
+    from scripts.check_samples import dice
+
+    a = np.zeros((4, 4, 4), bool)
+    a[:2] = True
+    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0
+    b = np.zeros_like(a)
+    b[:1] = True
+    assert dice(a, b) == pytest.approx(2 * 16 / (32 + 16))
