@@ -18,6 +18,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from scripts.data import atomic_write_json
 from scripts.visualisation import montage, save_png
 
 __all__ = [
@@ -108,10 +109,15 @@ class TrainingCheckpoint:
 
 class BestModelSaver:
     """After each validation, writes the network's weights (the EMA's when ``ema`` is given) as a plain state
-    dict to ``path`` (``models/model.pt``) when the key metric (lower is better) improved. Atomic."""
+    dict to ``path`` (``models/model.pt``) when the key metric (lower is better) improved, and next to it
+    ``model.json``: the training grid's affine and intensity window from ``data`` (used by inference to write
+    samples that overlay the training data). Both atomic."""
 
-    def __init__(self, network: nn.Module, path: str, ema: AveragedModel | None = None, metric_name: str = "val_neg_elbo_nats") -> None:
+    def __init__(
+        self, network: nn.Module, path: str, ema: AveragedModel | None = None, data=None, metric_name: str = "val_neg_elbo_nats"
+    ) -> None:
         self.network = network
+        self.data = data
         self.ema = ema
         self.path = path
         self.metric_name = metric_name
@@ -132,6 +138,9 @@ class BestModelSaver:
             tmp = f"{self.path}.tmp{os.getpid()}"
             torch.save(state, tmp)
             os.replace(tmp, self.path)
+            if self.data is not None and self.data.preprocessing_info:
+                info = {**self.data.preprocessing_info, "metric": self.metric_name, "value": value, "epoch": self.best_epoch}
+                atomic_write_json(os.path.splitext(self.path)[0] + ".json", info)
             logger.info(f"epoch {self.best_epoch}: {self.metric_name} {value:.5f} is the best so far; saved {self.path}")
 
     def state_dict(self) -> dict:
