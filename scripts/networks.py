@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,22 @@ def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Module:
     return nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
 
 
-def _last_conv(block: nn.Module) -> nn.Conv3d:
-    return block[-1] if isinstance(block, nn.Sequential) else block
+class Subsample(nn.Module):
+    """Nearest subsampling by 2 per axis: (B, C, D, H, W) -> (B, C, D/2, H/2, W/2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::2, ::2, ::2]
+
+
+class LevelUp(nn.Module):
+    """Nearest x2 upsampling, then a 1x1 projection when the width changes: (B, C_in, d, h, w) -> (B, C_out, 2d, 2h, 2w)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ResBlock(nn.Module):
@@ -141,16 +156,16 @@ class TopDownBlock(nn.Module):
     def _scale(self, raw: torch.Tensor) -> torch.Tensor:
         return self.scale_lo + (self.scale_hi - self.scale_lo) * torch.sigmoid(raw)
 
-    def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prior_params(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prior mean and scale (B, Z, d, h, w) and the skip (B, C, d, h, w) added to the decoder state."""
         if self.prior is None:
-            zeros = torch.zeros(h.shape[0], self.latent_channels, *h.shape[2:], dtype=h.dtype, device=h.device)
+            zeros = h.new_zeros([h.shape[0], self.latent_channels, h.shape[2], h.shape[3], h.shape[4]])
             return zeros, torch.ones_like(zeros), torch.zeros_like(h)
         out = self.prior(h)
         z = self.latent_channels
         return out[:, :z], self._scale(out[:, z : 2 * z]), out[:, 2 * z :]
 
-    def posterior_params(self, h: torch.Tensor, lateral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior_params(self, h: torch.Tensor, lateral: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and scale (B, Z, d, h, w) from the encoder's lateral activation and the state h."""
         inp = lateral if self.prior is None else torch.cat([lateral, h], dim=1)
         out = self.posterior(inp)
@@ -159,7 +174,7 @@ class TopDownBlock(nn.Module):
 
     def forward(
         self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (new h, z, KL (B, Z, d, h, w) of this group; zeros when the posterior is not used)."""
         mu_p, scale_p, skip = self.prior_params(h)
         if use_posterior:
@@ -256,25 +271,28 @@ class VDVAE(nn.Module):
                     ResBlock(channels[i], channels_hidden[i], channels[i], k, last_scale=last_scale),
                 )
             )
-            if i < self.num_levels - 1:
-                self.downsamplers.append(
-                    nn.Conv3d(channels[i], channels[i], 2, stride=2) if convolutional_downsampling else nn.Identity()
-                )
-        self.conv_downsampling = bool(convolutional_downsampling)
+            if i == self.num_levels - 1:
+                self.downsamplers.append(nn.Identity())
+            elif convolutional_downsampling:
+                self.downsamplers.append(nn.Conv3d(channels[i], channels[i], 2, stride=2))
+            else:
+                self.downsamplers.append(Subsample())
 
         # ---- decoder (top-down), from the 1^3 level to full resolution ----
         self.decoder_blocks = nn.ModuleList()  # TopDownBlock per latent group, top first
         self.decoder_resblocks = nn.ModuleList()
-        self.group_levels: list[int] = []  # level index of each group (0 = full resolution)
-        self.level_projections = nn.ModuleList()  # 1x1 width change after each x2 upsample (Identity if equal)
+        self.decoder_transitions = nn.ModuleList()  # LevelUps since the previous group (empty: same level)
+        self.group_levels: List[int] = []  # level index of each group (0 = full resolution)
         top = self.num_levels - 1
+        pending: list[nn.Module] = []
         for i in range(top, -1, -1):
             c = channels_top_down[i]
             if i < top:
-                c_above = channels_top_down[i + 1]
-                self.level_projections.append(nn.Identity() if c_above == c else nn.Conv3d(c_above, c, 1))
+                pending.append(LevelUp(channels_top_down[i + 1], c))
             z_ch = min(channels_per_latent[i], c)
             for j in range(latent_feature_maps_per_resolution[i]):
+                self.decoder_transitions.append(nn.Sequential(*pending))
+                pending = []
                 self.decoder_blocks.append(
                     TopDownBlock(
                         c,
@@ -291,6 +309,7 @@ class VDVAE(nn.Module):
                     ResBlock(c, channels_hidden_top_down[i], c, kernel_sizes_top_down[i], last_scale=last_scale)
                 )
                 self.group_levels.append(i)
+        self.final_transition = nn.Sequential(*pending)  # up to full resolution after the last group
         self.top_channels = channels_top_down[top]
         self.output_head = nn.Conv3d(channels_top_down[0], 2 * in_channels, 1)
 
@@ -312,22 +331,21 @@ class VDVAE(nn.Module):
         return [b.latent_channels * r**3 for b, r in zip(self.decoder_blocks, self.group_resolutions())]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        expected = (self.in_channels, self.resolution, self.resolution, self.resolution)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"VDVAE expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        r = self.resolution
+        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != r or x.shape[3] != r or x.shape[4] != r:
+            raise ValueError(f"VDVAE expects input of shape (B, {self.in_channels}, {r}, {r}, {r}), got {list(x.shape)}")
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Lateral activations per level, full resolution first: [(B, channels[i], R/2^i, ...)]."""
         h = self.encoder_in(x)
-        laterals: list[torch.Tensor] = []
-        for i, level in enumerate(self.encoder_levels):
+        laterals: List[torch.Tensor] = []
+        for level, down in zip(self.encoder_levels, self.downsamplers):
             h = level(h)
             laterals.append(h)
-            if i < self.num_levels - 1:
-                h = self.downsamplers[i](h) if self.conv_downsampling else h[:, :, ::2, ::2, ::2]
+            h = down(h)
         return laterals
 
-    def _output(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _output(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         out = self.output_head(h).float()
         mean = out[:, : self.in_channels]
         mean = torch.tanh(mean) if self.output_tanh else mean
@@ -339,13 +357,13 @@ class VDVAE(nn.Module):
 
     def decode(
         self,
-        laterals: list[torch.Tensor] | None,
+        laterals: Optional[List[torch.Tensor]],
         batch_size: int,
         posterior_groups: int,
         sample_posterior: bool = True,
         sample_prior: bool = True,
         temperature: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
         ``laterals``; the rest use the prior. Returns (mean, scale) of the output Gaussian (B, C, R, R, R) and
         the per-volume KL of every group [(B,)] (zero for prior groups)."""
@@ -353,26 +371,18 @@ class VDVAE(nn.Module):
         h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
         if laterals is not None:
             h = h.to(laterals[-1].dtype)
-        kls: list[torch.Tensor] = []
-        level = self.num_levels - 1
-        for g, (block, res) in enumerate(zip(self.decoder_blocks, self.decoder_resblocks)):
-            group_level = self.group_levels[g]
-            while level > group_level:
-                level -= 1
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-                h = self.level_projections[self.num_levels - 2 - level](h)
-            use_post = g < posterior_groups
-            lateral = laterals[group_level] if (laterals is not None and use_post) else h
-            if use_post:
-                h, _, kl = block(h, lateral, use_posterior=True, sample=sample_posterior)
+        kls: List[torch.Tensor] = []
+        g = 0
+        for transition, block, res in zip(self.decoder_transitions, self.decoder_blocks, self.decoder_resblocks):
+            h = transition(h)
+            if laterals is not None and g < posterior_groups:
+                h, _, kl = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0)
             else:
-                h, _, kl = block(h, lateral, use_posterior=False, sample=sample_prior, temperature=temperature)
+                h, _, kl = block(h, h, False, sample_prior, temperature)
             kls.append(kl.sum(dim=(1, 2, 3, 4)))
             h = res(h)
-        while level > 0:
-            level -= 1
-            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            h = self.level_projections[self.num_levels - 2 - level](h)
+            g += 1
+        h = self.final_transition(h)
         mean, scale = self._output(h)
         return mean, scale, kls
 

@@ -195,3 +195,18 @@ def test_inference_samples_nifti_on_the_training_grid(tmp_path, nifti_dir):
     assert bad.returncode != 0 and "weights of another architecture" in bad.stderr
     bad = sample("g", ckpt_path=str(tmp_path / "missing.pt"), expect_error=True)
     assert bad.returncode != 0 and "no weights at" in bad.stderr
+
+    # the Model Zoo's export: TorchScript of network_def that loads and reconstructs like the eager network
+    ts_path = str(tmp_path / "model.ts")
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", ts_path,
+           "--ckpt_file", os.path.join(out, "model.pt"), "--meta_file", "configs/metadata.json",
+           "--config_file", "configs/train.json"]
+    for k, v in arch.items():
+        cmd += [f"--{k}", json.dumps(v)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = torch.jit.load(ts_path)
+    net = VDVAE(16, **tiny_architecture(16))
+    net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    assert torch.allclose(exported(x), net.eval()(x), atol=1e-5)

@@ -113,3 +113,11 @@ def test_bad_kernel_size_and_empty_top_level():
     arch["latent_feature_maps_per_resolution"] = [1, 1, 1, 1, 0]
     with pytest.raises(ValueError, match="1\\^3 level"):
         VDVAE(16, **arch)
+
+
+def test_torchscript_matches_eager():
+    torch.manual_seed(0)
+    net = VDVAE(16, **tiny_architecture(16)).eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    assert torch.allclose(scripted(x), net(x), atol=1e-6)
