@@ -5,7 +5,6 @@ and an evaluator that reports the negative ELBO per volume."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -21,8 +20,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from scripts.losses import negative_elbo_terms
 
 __all__ = ["VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
-
-logger = logging.getLogger(__name__)
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
