@@ -113,7 +113,8 @@ class DataSplit:
             files = files[: int(max_niis_to_use)]
         if len(files) < 2:
             raise ValueError(f"dataset_dir {self.dataset_dir!r}: need at least 2 NIfTI files (train + validation), found {len(files)}")
-        self.shapes = {f: check_nifti_header(f) for f in files}
+        for f in files:
+            check_nifti_header(f)
         self.split_file = Path(output_dir) / "data_split.json"
         saved = self._load_saved(files)
         if saved is not None:
