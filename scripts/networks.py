@@ -139,8 +139,6 @@ class TopDownBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.latent_channels = latent_channels
-        self.channels = channels
-        self.unconditional_prior = unconditional_prior
         self.scale_lo, self.scale_hi = float(scale_bounds[0]), float(scale_bounds[1])
         posterior_in = encoder_channels if unconditional_prior else encoder_channels + channels
         self.posterior = ResBlock(posterior_in, hidden_channels, 2 * latent_channels, kernel_size, residual=False)
@@ -175,7 +173,8 @@ class TopDownBlock(nn.Module):
     def forward(
         self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new h, z, KL (B, Z, d, h, w) of this group; zeros when the posterior is not used)."""
+        """Returns (new h, z, KL of this group): KL is (B, Z, d, h, w), or (B, 1, 1, 1, 1) zeros when the
+        posterior is not used (sampling), so no latent-sized tensor of zeros is built."""
         mu_p, scale_p, skip = self.prior_params(h)
         if use_posterior:
             mu_q, scale_q = self.posterior_params(h, lateral)
@@ -183,7 +182,7 @@ class TopDownBlock(nn.Module):
             kl = gaussian_kl(mu_q_f, scale_q_f, mu_p.float(), scale_p.float())
             z = mu_q_f + scale_q_f * torch.randn_like(mu_q_f) if sample else mu_q_f
         else:
-            kl = torch.zeros_like(mu_p, dtype=torch.float32)
+            kl = torch.zeros(h.shape[0], 1, 1, 1, 1, dtype=torch.float32, device=h.device)
             z = mu_p.float() + temperature * scale_p.float() * torch.randn_like(mu_p, dtype=torch.float32) if sample else mu_p.float()
         z = z.to(h.dtype)
         return h + skip + self.z_proj(z), z, kl
