@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.sampling import check_sampling_options, load_weights
 from scripts.visualisation import montage, save_png
 
 __all__ = ["dice", "check_samples"]
@@ -46,12 +47,9 @@ def check_samples(
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update(overrides)
-    net = parser.get_parsed_content("network_def")
+    check_sampling_options(num_samples, temperature)
     ckpt_path = ckpt_path or parser.get_parsed_content("model_path")
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"no trained weights at {ckpt_path}: train first, or pass --ckpt_path")
-    net.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-    net.eval()
+    net = load_weights(parser.get_parsed_content("network_def"), ckpt_path, "cpu")
     data = parser.get_parsed_content("data")
     preprocess = parser.get_parsed_content("validate#preprocessing")
     real = np.stack([np.asarray(preprocess({"image": f})["image"]) for f in data.train_files + data.val_files])

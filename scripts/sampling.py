@@ -1,6 +1,12 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
-"""Sampling workflow pieces for configs/inference.json: a data set of sample requests, an evaluator step
-that draws them in batches, and a handler that streams them to NIfTI files on the training grid."""
+"""Inference workflow pieces.
+
+configs/inference.json (sampling): a data set of sample requests, an evaluator step that draws them in batches,
+and a handler that streams them to NIfTI files on the training grid.
+
+configs/reconstruct.json (reconstruction): an inferer that gives the full and the "progressive"
+reconstructions of a batch, and a handler that writes them as NIfTI files and PNG montages.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,24 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer
 
 from scripts.trainer import autocast
 from scripts.visualisation import montage, save_png
 
-__all__ = ["SampleRequests", "SamplingEvaluator", "PriorSampler", "SampleWriter", "load_weights", "preprocessing_sidecar"]
+__all__ = [
+    "SampleRequests",
+    "SamplingEvaluator",
+    "PriorSampler",
+    "SampleWriter",
+    "ProgressiveReconstructor",
+    "ReconstructionWriter",
+    "load_weights",
+    "preprocessing_sidecar",
+    "read_sidecar",
+    "check_sampling_options",
+    "save_nifti",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +51,14 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
     """Loads a plain state dict into ``network``; errors name the file and the mismatch."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights at {path!r}: train first (models/model.pt) or pass --ckpt_path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files, TorchScript archives, pickles of other objects
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
         state = state["network"]  # a full training checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of network_def (models/model.pt), got a {type(state).__name__}")
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -45,15 +69,46 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
     return network.to(device).eval()
 
 
+def read_sidecar(model_path: str) -> dict:
+    """The sidecar of :func:`preprocessing_sidecar` as a dict ({} with a warning when it is missing)."""
+    sidecar = preprocessing_sidecar(model_path)
+    if not os.path.isfile(sidecar):
+        logger.warning(f"{sidecar} not found: writing with an identity affine and [-1, 1] intensities")
+        return {}
+    with open(sidecar) as f:
+        return json.load(f)
+
+
+def check_sampling_options(num_samples: int, temperature: float | Sequence[float]) -> list[float]:
+    """Validates ``num_samples`` (> 0) and ``temperature`` (a number or a non-empty list, each > 0); returns
+    the temperatures as a list. Errors name the option and the value."""
+    temps = list(temperature) if isinstance(temperature, Sequence) and not isinstance(temperature, str) else [temperature]
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be positive (an integer >= 1), got {num_samples!r}")
+    try:
+        temps = [float(t) for t in temps]
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be positive (a number or a list), got {temperature!r}") from None
+    if not temps or any(not t > 0 for t in temps):
+        raise ValueError(f"temperature must be positive (a number or a list), got {temperature!r}")
+    return temps
+
+
+def save_nifti(volume: np.ndarray, affine: np.ndarray, path: str) -> str:
+    """Writes a (D, H, W) array as float32 NIfTI with the same ``affine`` as qform and sform (code 1,
+    scanner), so nibabel and ITK-based readers (which prefer the qform) place it identically."""
+    img = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, path)
+    return path
+
+
 class SampleRequests(torch.utils.data.Dataset):
     """``num_samples`` requests per temperature: items {"index", "temperature"}."""
 
     def __init__(self, num_samples: int, temperature: float | Sequence[float]) -> None:
-        temps = [float(t) for t in (temperature if isinstance(temperature, Sequence) else [temperature])]
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if not temps or any(t <= 0 for t in temps):
-            raise ValueError(f"temperature must be positive (a number or a list), got {temperature}")
+        temps = check_sampling_options(num_samples, temperature)
         self.items = [{"index": i, "temperature": t} for t in temps for i in range(num_samples)]
 
     def __len__(self) -> int:
@@ -91,7 +146,7 @@ class SamplingEvaluator(SupervisedEvaluator):
         return engine.state.output
 
 
-class PriorSampler:
+class PriorSampler(Inferer):
     """Inferer: ``network.sample(n, temperature)`` -> (n, 1, R, R, R) on [-1, 1]."""
 
     def __call__(self, n: int, network: torch.nn.Module, temperature: float) -> torch.Tensor:
@@ -106,10 +161,7 @@ class SampleWriter:
     def __init__(self, output_dir: str, model_path: str, montage_size: int = 8) -> None:
         self.output_dir = output_dir
         self.montage_size = int(montage_size)
-        sidecar = preprocessing_sidecar(model_path)
-        info = json.load(open(sidecar)) if os.path.isfile(sidecar) else {}
-        if not info:
-            logger.warning(f"{sidecar} not found: writing samples with an identity affine and [-1, 1] intensities")
+        info = read_sidecar(model_path)
         self.affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
         self.low = float(info.get("intensity_low", -1.0))
         self.high = float(info.get("intensity_high", 1.0))
@@ -126,7 +178,7 @@ class SampleWriter:
         for vol, idx, t in zip(out["pred"].cpu().numpy(), out["index"].tolist(), out["temperature"].tolist()):
             data = self.low + (vol[0] + 1.0) / 2.0 * (self.high - self.low)
             path = os.path.join(self.output_dir, f"sample_t{t:g}_{idx:05d}.nii.gz")
-            nib.save(nib.Nifti1Image(data.astype(np.float32), self.affine), path)
+            save_nifti(data, self.affine, path)
             self.written.append(path)
             if len(self._shown) < self.montage_size:
                 self._shown.append(vol)
@@ -135,3 +187,87 @@ class SampleWriter:
         if self._shown:
             save_png(montage(np.stack(self._shown)), os.path.join(self.output_dir, "samples.png"))
         logger.info(f"wrote {len(self.written)} samples to {self.output_dir}")
+
+
+# ---------------------------------------------------------------- reconstruction (configs/reconstruct.json)
+
+
+class ProgressiveReconstructor(Inferer):
+    """Inferer: (B, 1, R, R, R) inputs -> (B, 1 + K, R, R, R). Channel 0 is the reconstruction from the
+    posterior means of every latent group (``network.reconstruct(x)``); channel k is the "progressive"
+    reconstruction ``network.reconstruct(x, resolutions[k - 1])``: posterior means for the groups at
+    resolutions <= that one, prior means below, so coarse settings keep only the input's coarse layout.
+
+    Args:
+        resolutions: latent resolutions (voxels per axis) to stop at; None for every resolution that holds a
+            latent group, except the finest (which gives the full reconstruction).
+        amp_mode: "none", "bfloat16" or "float16" (CUDA), as in training.
+    """
+
+    def __init__(self, resolutions: Sequence[int] | None = None, amp_mode: str = "none") -> None:
+        super().__init__()
+        self.resolutions = None if resolutions is None else [int(r) for r in resolutions]
+        self.amp_mode = amp_mode
+
+    def levels(self, network: torch.nn.Module) -> list[int]:
+        """The progressive resolutions used with ``network``, coarse to fine."""
+        available = sorted(set(network.group_resolutions()))
+        if self.resolutions is None:
+            return available[:-1]
+        bad = [r for r in self.resolutions if r not in available]
+        if bad:
+            raise ValueError(f"progressive_resolutions {bad} hold no latent group; choose among {available}")
+        return sorted(self.resolutions)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        with torch.no_grad(), autocast(x.device, self.amp_mode):
+            outs = [network.reconstruct(x)] + [network.reconstruct(x, r) for r in self.levels(network)]
+        return torch.cat([o.float() for o in outs], dim=1)
+
+
+class ReconstructionWriter:
+    """Handler of the reconstruction evaluator. For every input ``<name>.nii[.gz]`` writes to ``output_dir``:
+
+    * ``<name>_input.nii.gz``: the preprocessed input the network saw;
+    * ``<name>_recon.nii.gz``: its reconstruction (posterior means of every latent group);
+    * ``<name>_recon_to_r<r>.nii.gz``: progressive reconstructions (posterior means down to r^3, prior below);
+    * ``<name>.png``: 3-plane rows of the input, the progressive reconstructions coarse to fine, and the full one.
+
+    Volumes lie on the preprocessed grid of the input (its MONAI affine: same world space as the input file,
+    so they overlay it in a viewer), with [-1, 1] mapped back to the input's own intensity window (its
+    ``clamp_percentiles``, as in preprocessing).
+    """
+
+    def __init__(self, output_dir: str, levels: Sequence[int], clamp_percentiles: Sequence[float] = (0.05, 99.95), write_png: bool = True) -> None:
+        self.output_dir = output_dir
+        self.levels = [int(r) for r in levels]
+        self.percentiles = [float(p) for p in clamp_percentiles]
+        self.write_png = bool(write_png)
+        self.written: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: os.makedirs(self.output_dir, exist_ok=True))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, lambda e: logger.info(f"wrote {len(self.written)} reconstructions to {self.output_dir}"))
+
+    def _write(self, engine: Engine) -> None:
+        image = engine.state.batch["image"]
+        pred = engine.state.output["pred"].detach().float().cpu().numpy()  # (B, 1 + K, R, R, R)
+        names = image.meta["filename_or_obj"]
+        affines = image.affine.reshape(-1, 4, 4).cpu().numpy()
+        inputs = torch.as_tensor(image).float().cpu().numpy()
+        for b, src in enumerate(names):
+            stem = os.path.basename(str(src))
+            stem = stem[: -len(".nii.gz")] if stem.endswith(".nii.gz") else os.path.splitext(stem)[0]
+            low, high = np.percentile(np.asarray(nib.load(str(src)).dataobj, dtype=np.float32), self.percentiles)
+            to_raw = lambda v: low + (v + 1.0) / 2.0 * (high - low)  # noqa: E731
+            out = os.path.join(self.output_dir, stem)
+            save_nifti(to_raw(inputs[b, 0]), affines[b], f"{out}_input.nii.gz")
+            save_nifti(to_raw(pred[b, 0]), affines[b], f"{out}_recon.nii.gz")
+            for k, r in enumerate(self.levels):
+                save_nifti(to_raw(pred[b, k + 1]), affines[b], f"{out}_recon_to_r{r}.nii.gz")
+            if self.write_png:
+                rows = np.stack([inputs[b, :1], *[pred[b, k + 1 : k + 2] for k in range(len(self.levels))], pred[b, :1]])
+                save_png(montage(rows), f"{out}.png")
+            self.written.append(f"{out}_recon.nii.gz")

@@ -1,0 +1,541 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""Evaluation of a trained VDVAE (configs/evaluate.json): one JSON report and one PNG plot.
+
+For a held-out set of NIfTI volumes (default: the validation split of the training run) and ``num_samples``
+samples per temperature:
+
+* likelihood: negative ELBO in nats/voxel and discretised bits/voxel (:mod:`scripts.losses`), KL per latent
+  group in nats per volume and per latent dimension, active vs collapsed groups;
+* reconstruction: PSNR and SSIM (MONAI ``PSNRMetric``, ``SSIMMetric``) of the posterior-mean reconstructions;
+* diversity: mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) among samples, and among real volumes;
+* fidelity: Frechet distance (MONAI ``FIDMetric``) and MMD (MONAI ``MMDMetric``, Gaussian kernel through
+  random Fourier features) between the features of samples and of the training volumes, next to the same
+  figures for the held-out volumes. The features come from :class:`RandomFeatureNet`, a fixed, seeded,
+  randomly initialised 3D convolutional network (no weights are downloaded): the figures are comparable only
+  between evaluations of this bundle (same feature network, preprocessing and resolution), not with FIDs
+  from the literature;
+* memorisation: each sample's distance (RMSE on the [-1, 1] scale) to its nearest training volume, next to the
+  same distance for the held-out volumes.
+
+Everything streams: volumes pass in batches; only features (N, 224), per-volume figures, the first
+``diversity_samples`` volumes of each set (for the pairwise MS-SSIM) and chunks of ``chunk_size`` queries for
+the nearest-neighbour search are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from torch import nn
+
+from scripts.data import check_nifti_header, find_niftis, make_dataset
+from scripts.sampling import check_sampling_options
+from scripts.trainer import autocast
+from scripts.visualisation import three_plane
+
+__all__ = [
+    "RandomFeatureNet",
+    "RandomFourierFeatures",
+    "NearestTrainingVolume",
+    "ms_ssim_parameters",
+    "mean_pairwise_ms_ssim",
+    "resolve_volumes",
+    "check_shapes_match",
+    "evaluate",
+]
+
+logger = logging.getLogger(__name__)
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
+FEATURE_NETWORK = "RandomFeatureNet v1: 3 x (3^3 conv stride 2 + LeakyReLU 0.2), widths 16/32/64, Kaiming-normal init with seed 0, never trained; features = per-channel mean and std of each stage (224)"
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+class RandomFeatureNet(nn.Module):
+    """Fixed feature extractor: (B, 1, R, R, R) on [-1, 1] -> (B, 2 * sum(widths)) = (B, 224).
+
+    Three stride-2 3^3 convolutions with LeakyReLU, weights drawn once from a Kaiming normal with a private
+    generator seeded with ``seed`` (independent of the global RNG), never trained. Features are the spatial
+    mean and standard deviation of every channel of every stage, so their number does not depend on R.
+    """
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        chans = [1, *widths]
+        self.convs = nn.ModuleList(nn.Conv3d(a, b, 3, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        with torch.no_grad():
+            for conv in self.convs:
+                nn.init.kaiming_normal_(conv.weight, a=0.2, generator=gen)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        h = x.float()
+        for conv in self.convs:
+            h = nn.functional.leaky_relu(conv(h), 0.2)
+            flat = h.flatten(2)
+            feats += [flat.mean(2), flat.std(2, unbiased=False)]
+        return torch.cat(feats, dim=1)
+
+
+class RandomFourierFeatures:
+    """(N, F) -> (N, D) random Fourier features of a Gaussian kernel of bandwidth ``sigma`` (Rahimi & Recht
+    2007): <phi(a), phi(b)> ~= exp(-|a - b|^2 / (2 sigma^2)). Used as MONAI ``MMDMetric``'s ``y_mapping``, so its
+    linear-kernel MMD^2 estimates the Gaussian-kernel MMD^2. Seeded, so fixed."""
+
+    def __init__(self, in_features: int, sigma: float, num_features: int = 2048, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.sigma = float(sigma)
+        self.w = torch.randn(in_features, num_features, generator=gen, dtype=torch.float64) / self.sigma
+        self.b = torch.rand(num_features, generator=gen, dtype=torch.float64) * 2 * math.pi
+        self.scale = math.sqrt(2.0 / num_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.cos(x.double().cpu() @ self.w + self.b)
+
+
+# ----------------------------------------------------------------------------------------------- MS-SSIM
+
+
+def ms_ssim_parameters(resolution: int) -> dict | None:
+    """Kernel and scales of MS-SSIM valid at ``resolution``^3, or None below 8^3.
+
+    Valid means both MONAI's check (``R // (scales - 1)^2 > kernel - 1``) and a coarsest scale at least one
+    kernel wide (MONAI convolves without padding). Picks the most scales (<= 5) at which a Gaussian kernel of
+    5 or 7 voxels (sigma 1.5) fits, with the larger kernel when both do; 3 voxels only at 8^3. Weights are the
+    first ``scales`` of Wang et al.'s five, renormalised. 8: (3, 2 scales), 16: (7, 2), 32: (7, 3), 64: (7, 4),
+    128: (7, 5).
+    """
+
+    def fits(k: int, n: int) -> bool:
+        return resolution // max(1, n - 1) ** 2 > k - 1 and resolution // 2 ** (n - 1) >= k
+
+    for kernels in ((7, 5), (3,)):
+        for n in range(5, 1, -1):
+            for k in kernels:
+                if fits(k, n):
+                    w = np.asarray(MS_SSIM_WEIGHTS[:n])
+                    return {"kernel_size": k, "kernel_sigma": 1.5, "num_scales": n, "weights": (w / w.sum()).round(4).tolist()}
+    return None
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (SSIM's luminance term assumes non-negative intensities)."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def mean_pairwise_ms_ssim(volumes: torch.Tensor, params: dict, pairs_per_batch: int = 16) -> tuple[float, int]:
+    """Mean MS-SSIM over all pairs of (N, 1, R, R, R) volumes on [-1, 1]; returns (mean, number of pairs).
+    Higher means less diverse (1 = identical)."""
+    n = volumes.shape[0]
+    if n < 2:
+        return float("nan"), 0
+    metric = MultiScaleSSIMMetric(
+        spatial_dims=3, data_range=1.0, kernel_size=params["kernel_size"], kernel_sigma=params["kernel_sigma"], weights=params["weights"]
+    )
+    i, j = torch.triu_indices(n, n, offset=1)
+    x = _to_unit(volumes)
+    for start in range(0, i.numel(), pairs_per_batch):
+        sl = slice(start, start + pairs_per_batch)
+        metric(x[i[sl]], x[j[sl]])
+    return float(metric.aggregate().item()), int(i.numel())
+
+
+# ----------------------------------------------------------------------------------------------- memorisation
+
+
+class NearestTrainingVolume:
+    """Distance of query volumes to their nearest training volume: RMSE over voxels on the [-1, 1] scale.
+
+    Queries (B, 1, R, R, R) are buffered in chunks of ``chunk_size``; each full chunk costs one pass over
+    ``train_loader``, so neither the queries nor the training set need to fit in memory at once.
+    """
+
+    def __init__(self, train_loader: DataLoader, device: torch.device | str, chunk_size: int = 64) -> None:
+        self.loader = train_loader
+        self.device = torch.device(device)
+        self.chunk_size = int(chunk_size)
+        self._buffer: list[torch.Tensor] = []
+        self.distances: list[float] = []
+        self.nearest: list[int] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self._buffer.append(x.detach().float().flatten(1).cpu())
+        if sum(b.shape[0] for b in self._buffer) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        q = torch.cat(self._buffer).to(self.device)
+        self._buffer = []
+        best = torch.full((q.shape[0],), float("inf"), device=self.device)
+        best_idx = torch.full((q.shape[0],), -1, dtype=torch.long, device=self.device)
+        offset = 0
+        for batch in self.loader:
+            t = _image(batch).to(self.device).float().flatten(1)
+            d = torch.cdist(q.double(), t.double()).float() / math.sqrt(q.shape[1])  # (Q, T) RMSE
+            m, idx = d.min(1)
+            better = m < best
+            best = torch.where(better, m, best)
+            best_idx = torch.where(better, idx + offset, best_idx)
+            offset += t.shape[0]
+        self.distances += best.cpu().tolist()
+        self.nearest += best_idx.cpu().tolist()
+
+    def result(self) -> tuple[np.ndarray, list[int]]:
+        self.flush()
+        return np.asarray(self.distances), list(self.nearest)
+
+
+def _image(batch: dict) -> torch.Tensor:
+    x = batch["image"]
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _summary(values: Sequence[float] | np.ndarray) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_volumes(folder: str | None, run_dir: str, split: str, option: str) -> tuple[list[str], str]:
+    """NIfTI files of ``folder``, or when it is None/empty the ``split`` ("train" or "val") list of the training
+    run's ``run_dir/data_split.json``. Returns (files, a description of where they came from)."""
+    if folder:
+        return find_niftis(folder), f"folder {folder}"
+    split_file = os.path.join(run_dir, "data_split.json")
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(
+            f"{option} is not set and {split_file} does not exist: pass --{option} (a folder of NIfTI files) or "
+            "--run_dir (the output_dir of the training run, which holds data_split.json)"
+        )
+    with open(split_file) as f:
+        files = json.load(f)[split]
+    name = {"train": "training", "val": "validation"}[split]
+    return list(files), f"{name} split of {split_file}"
+
+
+def check_shapes_match(heldout_files: Sequence[str], train_files: Sequence[str]) -> list[list[int]]:
+    """Raises ValueError naming the first held-out file whose voxel grid differs from every training volume's
+    (its metrics would measure the resampling, not the model). Returns the training shapes."""
+    train_shapes = sorted({tuple(check_nifti_header(f)) for f in train_files})
+    for f in heldout_files:
+        shape = tuple(check_nifti_header(f))
+        if shape not in train_shapes:
+            expected = " or ".join(str(s) for s in train_shapes)
+            raise ValueError(
+                f"held-out volume {f} has shape {shape}, but the training volumes have shape {expected}: put the "
+                "held-out set on the training data's grid (or pass --check_shapes false to evaluate it after the "
+                "usual resizing to the network's resolution)"
+            )
+    return [list(s) for s in train_shapes]
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    network: nn.Module,
+    heldout_files: Sequence[str],
+    train_files: Sequence[str],
+    preprocessing: Callable,
+    output_dir: str,
+    num_samples: int = 64,
+    temperature: float | Sequence[float] = 0.8,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    diversity_samples: int = 32,
+    chunk_size: int = 64,
+    kl_active_threshold: float = 1.0,
+    check_shapes: bool = True,
+    cache: str = "none",
+    num_workers: int = 0,
+    sources: dict | None = None,
+) -> dict:
+    """Evaluates ``network`` (a loaded VDVAE) and writes ``output_dir/report.json`` and ``output_dir/report.png``.
+
+    Args:
+        network: the trained VDVAE, in eval mode.
+        heldout_files: NIfTI volumes never trained on (at least 2).
+        train_files: the training volumes (reference set of the Frechet distance and MMD, and of the
+            nearest-neighbour search).
+        preprocessing: the training's deterministic transforms ({"image": path} -> (1, R, R, R) on [-1, 1]).
+        output_dir: where the report and the plot go.
+        num_samples: samples per temperature (>= 2).
+        temperature: a number or a list (> 0); sample figures are given per temperature.
+        seed: seeds the posterior noise of the ELBO and the samples (batch b of a temperature: ``seed + b``).
+        batch_size: volumes per batch.
+        device, amp: where and in which precision the VAE runs ("none", "bfloat16", "float16").
+        diversity_samples: the first N volumes of each set enter the pairwise MS-SSIM (N (N - 1) / 2 pairs).
+        chunk_size: queries per pass over the training set in the nearest-neighbour search.
+        kl_active_threshold: a latent group is active when its mean KL exceeds this many nats per volume.
+        check_shapes: require held-out volumes on the training volumes' voxel grid (see :func:`check_shapes_match`).
+        cache: "none", "memory" or "disk" caching of the preprocessed training set (see ``make_dataset``).
+        num_workers: DataLoader workers.
+        sources: where the file lists came from, copied into the report.
+    """
+    temps = check_sampling_options(num_samples, temperature)
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 for the evaluation (pairwise MS-SSIM, MMD), got {num_samples}")
+    if len(heldout_files) < 2:
+        raise ValueError(f"the held-out set needs at least 2 volumes, got {len(heldout_files)}")
+    if not train_files:
+        raise ValueError("the training set (train_dir) holds no volumes")
+    train_shapes = check_shapes_match(heldout_files, train_files) if check_shapes else None
+    device = torch.device(device)
+    network = network.to(device).eval()
+    resolution = int(network.resolution)
+    ms_params = ms_ssim_parameters(resolution)
+    ssim_kernel = min(7, resolution - (1 - resolution % 2))
+    features = RandomFeatureNet().to(device)
+
+    def loader(files: Sequence[str], cached: bool = False) -> DataLoader:
+        data = [{"image": f} for f in files]
+        ds = make_dataset(data, preprocessing, cache, os.path.join(output_dir, "cache")) if cached else Dataset(data, preprocessing)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    train_loader = loader(train_files, cached=True)
+    heldout_loader = loader(heldout_files)
+
+    # reference features of the training set
+    with torch.no_grad():
+        train_feats = torch.cat([features(_image(b).to(device)).cpu() for b in train_loader])
+    mu, sd = train_feats.mean(0), train_feats.std(0, unbiased=False).clamp_min(1e-6)
+    standardise = lambda f: (f - mu) / sd  # noqa: E731
+    train_z = standardise(train_feats)
+    rff = RandomFourierFeatures(train_z.shape[1], sigma=_median_distance(train_z))
+
+    # held-out pass: ELBO, reconstructions, features, diversity set, nearest training volumes
+    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_kernel, kernel_sigma=1.5)
+    elbo_nats, elbo_bits, kl_groups, held_feats, held_div, shown = [], [], [], [], [], {}
+    held_nn = NearestTrainingVolume(train_loader, device, chunk_size)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for batch in heldout_loader:
+            x = _image(batch).to(device).float()
+            with autocast(device, amp):
+                terms = network.elbo(x)
+                recon = network(x).float()
+            elbo_nats.append(terms["neg_elbo_nats"].cpu())
+            elbo_bits.append(terms["neg_elbo_bits"].cpu())
+            kl_groups.append(terms["kl_per_group"].float().cpu())
+            psnr(_to_unit(recon), _to_unit(x))
+            ssim(_to_unit(recon), _to_unit(x))
+            held_feats.append(features(x).cpu())
+            _keep(held_div, x, diversity_samples)
+            _keep(shown.setdefault("held-out", []), x, 4)
+            _keep(shown.setdefault("reconstructions", []), recon, 4)
+            held_nn.add(x)
+    held_feats_z = standardise(torch.cat(held_feats))
+    held_dist, _ = held_nn.result()
+    distances = {"held-out": held_dist}
+    n_held = held_feats_z.shape[0]
+
+    kl = torch.cat(kl_groups)  # (N, G) nats per volume
+    group_res = network.group_resolutions()
+    dims = network.latent_dims_per_group()
+    groups = []
+    for g in range(kl.shape[1]):
+        mean_kl = float(kl[:, g].mean())
+        groups.append(
+            {"group": g, "resolution": group_res[g], "latent_dims": dims[g], "kl_nats_per_volume": mean_kl,
+             "kl_nats_per_latent_dim": mean_kl / dims[g], "active": mean_kl > kl_active_threshold}
+        )
+    n_eq = min(num_samples, n_held)
+    real_div, real_pairs = mean_pairwise_ms_ssim(torch.cat(held_div), ms_params) if ms_params else (None, 0)
+    report: dict = {
+        "checkpoint_resolution": resolution,
+        "heldout": {"source": (sources or {}).get("heldout"), "num_volumes": n_held},
+        "train": {"source": (sources or {}).get("train"), "num_volumes": int(train_feats.shape[0]), "voxel_grids": train_shapes},
+        "seed": seed,
+        "likelihood": {
+            "neg_elbo_nats_per_voxel": _summary(torch.cat(elbo_nats).numpy()),
+            "neg_elbo_bits_per_voxel": _summary(torch.cat(elbo_bits).numpy()),
+            "kl_nats_per_volume": float(kl.sum(1).mean()),
+            "kl_active_threshold_nats_per_volume": kl_active_threshold,
+            "active_groups": [g["group"] for g in groups if g["active"]],
+            "collapsed_groups": [g["group"] for g in groups if not g["active"]],
+            "kl_per_group": groups,
+            "note": "single-sample ELBO estimate (posterior noise seeded with `seed`); groups listed top of the hierarchy first",
+        },
+        "reconstruction": {
+            "psnr_db": float(psnr.aggregate().item()),
+            "ssim": float(ssim.aggregate().item()),
+            "ssim_kernel_size": ssim_kernel,
+            "ssim_kernel_sigma": 1.5,
+            "note": "posterior-mean reconstructions vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
+        },
+        "ms_ssim_parameters": ms_params,
+        "feature_network": FEATURE_NETWORK + "; comparable only between evaluations of this bundle",
+        "real": {
+            "diversity_mean_pairwise_ms_ssim": real_div,
+            "diversity_pairs": real_pairs,
+            "frechet_distance_to_train": _frechet(held_feats_z[:n_eq], train_z),
+            "mmd_to_train": _mmd(held_feats_z[:n_eq], train_z, rff),
+            "num_volumes_for_distribution_metrics": n_eq,
+            "nearest_train_rmse": _summary(held_dist),
+        },
+        "samples": {},
+    }
+    if ms_params is None:
+        report["ms_ssim_parameters"] = f"MS-SSIM needs at least 8^3 voxels; not computed at {resolution}^3"
+    if float(held_dist.min()) == 0.0:
+        logger.warning("some held-out volumes are identical to training volumes: is the held-out set part of train_dir?")
+        report["real"]["heldout_volumes_identical_to_a_training_volume"] = int((held_dist == 0).sum())
+
+    # samples, per temperature
+    for t in temps:
+        feats, div, nn_search, first = [], [], NearestTrainingVolume(train_loader, device, chunk_size), []
+        with torch.no_grad():
+            for b, start in enumerate(range(0, num_samples, batch_size)):
+                torch.manual_seed(seed + b)
+                with autocast(device, amp):
+                    s = network.sample(min(batch_size, num_samples - start), t).float()
+                feats.append(features(s).cpu())
+                _keep(div, s, diversity_samples)
+                _keep(first, s, 4)
+                nn_search.add(s)
+        z = standardise(torch.cat(feats))
+        dist, nearest = nn_search.result()
+        div_value, div_pairs = mean_pairwise_ms_ssim(torch.cat(div), ms_params) if ms_params else (None, 0)
+        order = np.argsort(dist)[:5]
+        report["samples"][f"{t:g}"] = {
+            "temperature": t,
+            "num_samples": num_samples,
+            "diversity_mean_pairwise_ms_ssim": div_value,
+            "diversity_pairs": div_pairs,
+            "frechet_distance_to_train": _frechet(z[:n_eq], train_z),
+            "mmd_to_train": _mmd(z[:n_eq], train_z, rff),
+            "num_volumes_for_distribution_metrics": n_eq,
+            "nearest_train_rmse": _summary(dist),
+            "fraction_closer_than_closest_heldout": float((dist < held_dist.min()).mean()),
+            "closest_samples": [
+                {"sample": int(i), "rmse": float(dist[i]), "nearest_train_volume": train_files[nearest[i]]} for i in order
+            ],
+        }
+        shown[f"samples T={t:g}"] = first
+        distances[f"samples T={t:g}"] = dist
+
+    report["notes"] = {
+        "diversity": "mean MS-SSIM over all pairs of the first `diversity_samples` volumes; lower = more diverse; compare samples with real",
+        "distribution_metrics": (
+            "Frechet distance (MONAI FIDMetric) and MMD^2 (MONAI MMDMetric, unbiased, Gaussian kernel of bandwidth the median "
+            "pairwise distance of the training features, via 2048 seeded random Fourier features) between features standardised "
+            "with the training set's mean and std; samples and held-out volumes use the same number of volumes "
+            "(num_volumes_for_distribution_metrics), since both figures depend on it; the held-out figure is the floor to expect"
+        ),
+        "memorisation": "RMSE on the [-1, 1] scale to the nearest training volume; samples much closer than held-out volumes suggest copying",
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    plot_report(report, shown, distances, os.path.join(output_dir, "report.png"))
+    logger.info(f"wrote {path} and {os.path.join(output_dir, 'report.png')}")
+    return report
+
+
+def _keep(store: list, x: torch.Tensor, limit: int) -> None:
+    """Appends the first volumes of ``x`` (B, 1, R, R, R) to ``store`` (on the CPU) until it holds ``limit``."""
+    have = sum(v.shape[0] for v in store)
+    if have < limit:
+        store.append(x[: limit - have].detach().float().cpu())
+
+
+def _median_distance(z: torch.Tensor, max_items: int = 1000) -> float:
+    """Median pairwise Euclidean distance among the first ``max_items`` rows of (N, F) (1.0 if degenerate)."""
+    z = z[:max_items].double()
+    d = torch.cdist(z, z)
+    d = d[torch.triu_indices(len(z), len(z), offset=1).unbind()]
+    med = float(d.median()) if d.numel() else 0.0
+    return med if med > 0 else 1.0
+
+
+def _frechet(gen: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(FIDMetric()(gen.double(), ref.double()))
+
+
+def _mmd(gen: torch.Tensor, ref: torch.Tensor, rff: RandomFourierFeatures) -> float:
+    """Unbiased MMD^2 with MONAI's MMDMetric (equal set sizes: the first min(N, M) of each)."""
+    n = min(len(gen), len(ref))
+    return float(MMDMetric(y_mapping=rff)(ref[:n], gen[:n]))
+
+
+# ----------------------------------------------------------------------------------------------- plot
+
+
+def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: dict[str, np.ndarray], path: str) -> str:
+    """One PNG: KL per latent group (log scale, active groups dark), the distances to the nearest training
+    volume of the held-out volumes and of each temperature's samples (one tick per volume, median in red), and
+    one row of 3-plane views per set of volumes in ``shown`` (held-out, reconstructions, samples)."""
+    from PIL import Image, ImageDraw
+
+    pad, label_w, chart_h = 40, 150, 260
+    upscale = max(1, min(6, 128 // int(report["checkpoint_resolution"])))
+    tiles = [(name, np.concatenate([three_plane(v) for v in torch.cat(vols)], axis=1)) for name, vols in shown.items() if vols]
+    width = max(900, 2 * pad + label_w + max(t.shape[1] for _, t in tiles) * upscale)
+    tiles_h = sum(t.shape[0] * upscale + 20 for _, t in tiles)
+    img = Image.new("RGB", (width, 2 * chart_h + tiles_h + 3 * pad), "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1 = pad + 40, width - pad
+
+    # KL per group, log10 scale
+    groups = report["likelihood"]["kl_per_group"]
+    draw.text((pad, 8), "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)", fill="black")
+    values = [max(g["kl_nats_per_volume"], 1e-6) for g in groups]
+    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
+    hi = max(hi, lo + 1)
+    y0, y1 = 30, chart_h - 30
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    bar_w = (x1 - x0) / len(groups)
+    for i, (g, v) in enumerate(zip(groups, values)):
+        top = y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
+        draw.rectangle((x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1), fill=(40, 70, 160) if g["active"] else (170, 190, 230))
+        draw.text((x0 + i * bar_w + 2, y1 + 4), f"{g['resolution']}^3", fill="black")
+    for e in range(lo, hi + 1):
+        draw.text((pad - 30, y1 - (e - lo) / (hi - lo) * (y1 - y0) - 6), f"1e{e}", fill="black")
+
+    # distances to the nearest training volume, one strip per set
+    top = chart_h + pad
+    draw.text((pad, top - 20), "RMSE to the nearest training volume ([-1, 1] scale; one tick per volume, median in red)", fill="black")
+    vmax = max(float(d.max()) for d in distances.values()) or 1.0
+    row_h = (chart_h - 40) / len(distances)
+    for r, (name, d) in enumerate(distances.items()):
+        y = top + r * row_h + row_h / 2
+        draw.text((pad, y - 6), name, fill="black")
+        draw.line((x0 + 60, y, x1 - 260, y), fill=(200, 200, 200))
+        scale = (x1 - 260 - x0 - 60) / vmax
+        for v in d:
+            draw.line((x0 + 60 + v * scale, y - 6, x0 + 60 + v * scale, y + 6), fill=(60, 60, 60))
+        med = float(np.median(d))
+        draw.line((x0 + 60 + med * scale, y - 12, x0 + 60 + med * scale, y + 12), fill="red", width=3)
+        draw.text((x1 - 250, y - 6), f"min {d.min():.3f} median {med:.3f} max {d.max():.3f}", fill="black")
+
+    # volumes
+    y = 2 * chart_h + 2 * pad
+    for name, tile in tiles:
+        draw.text((pad, y), name, fill="black")
+        arr = (np.kron(tile, np.ones((upscale, upscale))) * 255).round().astype(np.uint8)
+        img.paste(Image.fromarray(arr).convert("RGB"), (pad + label_w, y))
+        y += arr.shape[0] + 20
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
