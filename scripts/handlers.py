@@ -36,12 +36,17 @@ CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
 def is_main_process() -> bool:
+    """True on the process that logs and writes files: rank 0 under torchrun, or a single-process run."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 class ReseedEachEpoch:
-    """At every EPOCH_STARTED, seeds torch/numpy/random and the training transforms with ``seed + epoch``, so a
-    run resumed at an epoch boundary draws the same augmentations, shuffles and latent noise as an unbroken one."""
+    """At every EPOCH_STARTED, seeds torch/numpy/random and the training transforms with ``seed + epoch`` (plus
+    ``RANK_SEED_STRIDE * rank`` under torchrun, so that ranks draw independent augmentations and latent noise,
+    as the volumes of one large batch would), so a run resumed at an epoch boundary draws the same
+    augmentations, shuffles and latent noise as an unbroken one."""
+
+    RANK_SEED_STRIDE = 100_003
 
     def __init__(self, seed: int, transform=None) -> None:
         self.seed = int(seed)
@@ -51,7 +56,7 @@ class ReseedEachEpoch:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        seed = self.seed + engine.state.epoch
+        seed = self.seed + engine.state.epoch + self.RANK_SEED_STRIDE * int(os.environ.get("RANK", "0"))
         torch.manual_seed(seed)  # CPU and CUDA generators (shuffling, worker seeds, latent noise)
         np.random.seed(seed % 2**32)
         random.seed(seed)

@@ -1,0 +1,369 @@
+"""Distributed training with torchrun on CPU (gloo): configs/multi_gpu_train.json on two processes.
+
+The runs use the tiny architecture of tests/test_bundle.py on 7 of the synthetic volumes (4 training, 3
+validation) with batch 2 per process, so one epoch is one DDP step. A test overlay adds :class:`RankProbe`, which
+records on every rank what it trained and validated on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from scripts.distributed import TORCHRUN_ENV
+from scripts.handlers import latest_checkpoint
+from scripts.networks import VDVAE
+from scripts.trainer import VDVAEEvaluator
+from tests.conftest import ROOT, tiny_architecture
+from tests.test_bundle import run_bundle, tiny_overrides
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with the gloo backend"
+)
+
+TRAIN = "configs/train.json"
+MULTI = "configs/multi_gpu_train.json"
+
+
+def weight_checksum(state: dict) -> float:
+    """Sum of every entry of a state dict, in float64 (identical weights give identical sums)."""
+    return float(sum(v.double().sum() for v in state.values()))
+
+
+class RankProbe:
+    """Test handler, attached to the trainer and the evaluator by a test overlay. Writes ``folder/rank<r>.json``
+    with this rank's first training step of the run (epoch, iteration, weight checksum before the step, volumes,
+    loss) and every validation (volumes, per-volume negative ELBO, the reduced key metric), and
+    ``folder/rank<r>_network.pt`` with the final weights."""
+
+    def __init__(self, folder: str, network: torch.nn.Module) -> None:
+        self.folder = folder
+        self.network = network
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.record: dict = {"first_step": None, "validations": []}
+
+    def attach(self, engine) -> None:
+        if isinstance(engine, VDVAEEvaluator):
+            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.record["validations"].append({"files": [], "values": []}))
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._validation_batch)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._validation_end)
+        else:
+            engine.add_event_handler(Events.ITERATION_STARTED, self._step_start)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._step_end)
+            engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _step_start(self, engine) -> None:
+        if self.record["first_step"] is None:
+            self.record["first_step"] = {
+                "epoch": engine.state.epoch,
+                "iteration": engine.state.iteration,
+                "checksum": weight_checksum(self.network.state_dict()),
+            }
+
+    def _step_end(self, engine) -> None:
+        step = self.record["first_step"]
+        if "loss" not in step:
+            step["files"] = list(engine.state.batch["image"].meta["filename_or_obj"])
+            step["loss"] = engine.state.output["loss"]
+
+    def _validation_batch(self, engine) -> None:
+        current = self.record["validations"][-1]
+        current["files"] += list(engine.state.batch["image"].meta["filename_or_obj"])
+        current["values"] += engine.state.output["neg_elbo_nats"].float().tolist()
+
+    def _validation_end(self, engine) -> None:
+        self.record["validations"][-1]["metric"] = float(engine.state.metrics["val_neg_elbo_nats"])
+        self._write()
+
+    def _save(self, engine) -> None:
+        torch.save(self.network.state_dict(), os.path.join(self.folder, f"rank{self.rank}_network.pt"))
+        self._write()
+
+    def _write(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"rank{self.rank}.json"), "w") as f:
+            json.dump(self.record, f)
+
+
+def probe_overlay(folder: str) -> str:
+    """Writes ``folder/probe.json``: an overlay that attaches a :class:`RankProbe` writing into ``folder`` and
+    trains on the deterministic preprocessing only (no augmentation, no random crop)."""
+    os.makedirs(folder, exist_ok=True)
+    overlay = {
+        "train#probe": {"_target_": "tests.test_distributed.RankProbe", "folder": folder, "network": "@network"},
+        "train#trainer#train_handlers": "$@train#handlers + [@train#probe]",
+        "validate#evaluator#val_handlers": "$@validate#handlers + [@train#probe]",
+        "train#preprocessing#transforms": "@base_transforms",
+    }
+    path = os.path.join(folder, "probe.json")
+    with open(path, "w") as f:
+        json.dump(overlay, f)
+    return path
+
+
+def probe(folder: str, rank: int) -> dict:
+    with open(os.path.join(folder, f"rank{rank}.json")) as f:
+        return json.load(f)
+
+
+def small_split(nifti_dir: str, out: str, **extra) -> dict:
+    """Tiny overrides on 7 volumes (4 training, 3 validation), batch 2, one epoch. Latent scales are kept
+    in [0.001, 0.002] so that the posterior samples barely move the loss (relative spread ~1e-4 instead of 5%
+    over 4 volumes at initialisation), which lets runs with different latent noise be compared closely."""
+    opts = tiny_overrides(nifti_dir, out, max_epochs=1, batch_size=2, max_niis_to_use=7, train_frac=0.55)
+    opts.update(scale_hidden_clamp_bounds=[0.001, 0.002], **extra)
+    return opts
+
+
+def torchrun_command(nproc: int, overrides: dict, config_files: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", json.dumps(config_files)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return cmd
+
+
+def clean_env() -> dict:
+    """This environment without torchrun's variables, one thread per process (2 processes on 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(nproc: int, overrides: dict, config_files: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        torchrun_command(nproc, overrides, config_files), cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, nifti_dir) -> dict:
+    """One epoch (one step) of a 2-process gloo run with the probe."""
+    out = str(tmp_path_factory.mktemp("ddp") / "run")
+    folder = os.path.join(out, "probe")
+    proc = torchrun(2, small_split(nifti_dir, out), [TRAIN, MULTI, probe_overlay(folder)])
+    return {"out": out, "probe": folder, "log": proc.stdout + proc.stderr}
+
+
+def test_two_processes_write_one_checkpoint_and_identical_replicas(ddp_run):
+    out = ddp_run["out"]
+    ckpt_dir = os.path.join(out, "checkpoints")
+    assert os.listdir(ckpt_dir) == ["checkpoint_1.pt"]  # 4 volumes, 2 processes x batch 2: one step per epoch
+    ckpt = torch.load(os.path.join(ckpt_dir, "checkpoint_1.pt"), weights_only=True)
+    rank0 = torch.load(os.path.join(ddp_run["probe"], "rank0_network.pt"), weights_only=True)
+    rank1 = torch.load(os.path.join(ddp_run["probe"], "rank1_network.pt"), weights_only=True)
+    assert rank0.keys() == rank1.keys() == ckpt["network"].keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        assert torch.equal(rank0[k], ckpt["network"][k]), k
+    assert weight_checksum(rank0) != probe(ddp_run["probe"], 0)["first_step"]["checksum"]  # the step changed them
+    # logging, TensorBoard and images on rank 0 only
+    assert len(os.listdir(os.path.join(out, "tensorboard"))) == 1
+    assert ddp_run["log"].count("VDVAETrainer - INFO - Epoch[1] Complete") == 1
+
+
+def test_validation_is_reduced_exactly_without_padding(ddp_run):
+    with open(os.path.join(ddp_run["out"], "data_split.json")) as f:
+        val_files = json.load(f)["val"]
+    ranks = [probe(ddp_run["probe"], r)["validations"][0] for r in (0, 1)]
+    assert [len(r["files"]) for r in ranks] == [2, 1]  # 3 volumes split unevenly, none repeated
+    assert sorted(ranks[0]["files"] + ranks[1]["files"]) == sorted(val_files)
+    values = ranks[0]["values"] + ranks[1]["values"]
+    exact = sum(values) / len(values)
+    assert ranks[0]["metric"] == pytest.approx(exact, rel=1e-6) and ranks[1]["metric"] == pytest.approx(exact, rel=1e-6)
+    padded = (sum(values) + ranks[1]["values"][0]) / 4  # what a padding sampler would report
+    assert abs(padded - exact) > 1e-6 * abs(exact)
+
+
+def test_first_step_matches_one_process_with_twice_the_batch(ddp_run, tmp_path, nifti_dir):
+    out = str(tmp_path / "single")
+    folder = os.path.join(out, "probe")
+    run_bundle(small_split(nifti_dir, out, batch_size=4), config_file=json.dumps([TRAIN, probe_overlay(folder)]))
+    single = probe(folder, 0)["first_step"]
+    ranks = [probe(ddp_run["probe"], r)["first_step"] for r in (0, 1)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] == single["checksum"]  # same initial weights
+    assert len(set(ranks[0]["files"]) | set(ranks[1]["files"])) == 4  # the ranks share the 4 volumes out
+    assert sorted(ranks[0]["files"] + ranks[1]["files"]) == sorted(single["files"])
+    # the loss is a batch mean and DDP averages gradients, so the ranks' mean loss is the 4-volume batch's loss;
+    # only the posterior samples differ, and small_split makes them nearly irrelevant
+    ddp_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+    assert ddp_loss == pytest.approx(single["loss"], rel=1e-3)
+
+
+def test_resume_under_ddp_then_on_one_device_and_in_inference(ddp_run, tmp_path, nifti_dir):
+    out = str(tmp_path / "resumed")
+    shutil.copytree(ddp_run["out"], out, ignore=shutil.ignore_patterns("probe"))
+    folder = os.path.join(out, "probe")
+    opts = small_split(nifti_dir, out, max_epochs=2)
+    torchrun(2, opts, [TRAIN, MULTI, probe_overlay(folder)])
+    resumed_from = torch.load(os.path.join(ddp_run["out"], "checkpoints", "checkpoint_1.pt"), weights_only=True)
+    for r in (0, 1):  # every rank continued from the same checkpoint
+        first = probe(folder, r)["first_step"]
+        assert (first["epoch"], first["iteration"]) == (2, 2)
+        assert first["checksum"] == weight_checksum(resumed_from["network"])
+    assert latest_checkpoint(os.path.join(out, "checkpoints")).endswith("checkpoint_2.pt")
+
+    # the distributed checkpoint resumes a single-device run (batch 4: one step per epoch)
+    proc = run_bundle({**opts, "max_epochs": 3, "batch_size": 4})
+    assert "Restored all variables from" in proc.stdout + proc.stderr and "checkpoint_2.pt" in proc.stdout + proc.stderr
+    final = torch.load(latest_checkpoint(os.path.join(out, "checkpoints")), weights_only=True)
+    assert final["trainer"]["iteration"] == 3
+
+    # and its weights load into a plain network, as configs/inference.json does
+    net = VDVAE(16, **tiny_architecture(16))
+    net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
+    net.load_state_dict(final["network"])
+    assert net.sample(1, 0.5).shape == (1, 1, 16, 16, 16)
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first, then the parent id), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> set[int]:
+    """Process ids of every descendant of ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(entry)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def live_processes(pids, mentioning: str) -> list[int]:
+    """Those of ``pids``, and any process whose command line contains ``mentioning``, that are alive (not zombies)."""
+    found = set(pids)
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if mentioning.encode() in f.read():
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return sorted(p for p in found if (fields := _stat(p)) is not None and fields[0] != "Z")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("stop", ["sigterm_to_torchrun", "ctrl_c", "sigkill_to_torchrun"])
+def test_stopping_a_run_stops_every_process_and_keeps_the_checkpoint(stop, tmp_path, nifti_dir):
+    out = str(tmp_path / f"stopped_{stop}")
+    opts = tiny_overrides(nifti_dir, out, max_epochs=1000, num_workers=1, save_every_n_iterations=1)
+    proc = subprocess.Popen(
+        torchrun_command(2, opts, [TRAIN, MULTI]), cwd=ROOT, env=clean_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        ckpt_dir = os.path.join(out, "checkpoints")
+        deadline = time.time() + 240
+        tree: set[int] = set()
+        while time.time() < deadline:  # until it has saved 4 steps and both ranks have a data-loader worker
+            latest = latest_checkpoint(ckpt_dir)
+            tree = descendants(proc.pid)
+            if latest is not None and int(os.path.basename(latest)[11:-3]) >= 4 and len(tree) >= 4:
+                break
+            assert proc.poll() is None, "the run ended early"
+            time.sleep(0.1)
+        assert len(tree) >= 4, tree
+        start = time.time()
+        if stop == "ctrl_c":  # the terminal sends SIGINT to the foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        elif stop == "sigterm_to_torchrun":  # torchrun forwards it to the ranks
+            proc.send_signal(signal.SIGTERM)
+        else:  # torchrun cannot forward SIGKILL: the ranks get SIGTERM from the kernel (exit_with_launcher)
+            proc.kill()
+        proc.wait(timeout=60)
+        elapsed = time.time() - start
+        deadline = time.time() + 15  # orphaned data-loader workers check their parent every 5 s
+        while time.time() < deadline and live_processes(tree, out):
+            time.sleep(0.2)
+        assert live_processes(tree, out) == [], "processes of the run are still alive"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 15, f"torchrun took {elapsed:.1f} s to stop"
+    files = [f for f in os.listdir(ckpt_dir) if f.startswith("checkpoint_")]
+    assert files
+    for name in files:
+        ckpt = torch.load(os.path.join(ckpt_dir, name), weights_only=True)
+        assert ckpt["trainer"]["iteration"] == int(name[11:-3])
+
+
+def test_bad_launches_say_how_to_launch(tmp_path, nifti_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    opts = tiny_overrides(nifti_dir, str(tmp_path / "bad"))
+    workflow = ConfigWorkflow(workflow_type="train", config_file=[TRAIN, MULTI], **opts)
+    with pytest.raises(RuntimeError) as err:
+        workflow.initialize()
+    assert "must be started by torchrun" in str(err.value.__cause__)
+    assert "torchrun --standalone --nproc_per_node=N -m monai.bundle run" in str(err.value.__cause__)
+
+    # train.json alone under torchrun would train N independent copies into one output_dir
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    workflow = ConfigWorkflow(workflow_type="train", config_file=TRAIN, **opts)
+    with pytest.raises(RuntimeError) as err:
+        workflow.initialize()
+    assert "Add the distributed overlay" in str(err.value.__cause__) and MULTI in str(err.value.__cause__)
+    assert not os.path.exists(tmp_path / "bad")  # stopped before writing anything
+
+
+def test_overlay_keeps_train_initialize_and_silences_only_logging_on_other_ranks():
+    with open(os.path.join(ROOT, TRAIN)) as f:
+        train_init = json.load(f)["initialize"]
+    with open(os.path.join(ROOT, MULTI)) as f:
+        multi_init = json.load(f)["initialize"]
+    for item in train_init:  # the overlay restates train.json's initialize after setting up the process group
+        if "require_single_process" in item:
+            assert item not in multi_init
+        elif "ProgressBar" in item:
+            assert f"{item[1:]} if dist.get_rank() == 0 else None" in [m[1:] for m in multi_init]
+        else:
+            assert item in multi_init, item
+    assert multi_init.index("$scripts.config.validate_hyperparameters(@bundle_root)") > [
+        i for i, m in enumerate(multi_init) if "init_process_group" in m
+    ][0]
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, f) for f in (TRAIN, "configs/vdvae_64.json", MULTI)])
+    assert parser["resolution"] == 64 and parser["batch_size"] == 8
+    assert parser["train#training_network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    off = {
+        (section, i): parser[f"{section}#handlers#{i}"]["_target_"]
+        for section in ("train", "validate")
+        for i, h in enumerate(parser[f"{section}#handlers"])
+        if isinstance(h, dict) and "_disabled_" in h
+    }
+    assert off == {
+        ("train", 2): "StatsHandler",
+        ("train", 3): "TensorBoardStatsHandler",
+        ("validate", 0): "StatsHandler",
+        ("validate", 1): "TensorBoardStatsHandler",
+        ("validate", 3): "scripts.handlers.VolumeImageLogger",
+    }
