@@ -316,6 +316,7 @@ def evaluate(
     heldout_loader = loader(heldout_files)
 
     # reference features of the training set
+    logger.info(f"evaluation: features of {len(train_files)} training volumes")
     with torch.no_grad():
         train_feats = torch.cat([features(_image(b).to(device)).cpu() for b in train_loader])
     mu, sd = train_feats.mean(0), train_feats.std(0, unbiased=False).clamp_min(1e-6)
@@ -324,6 +325,7 @@ def evaluate(
     rff = RandomFourierFeatures(train_z.shape[1], sigma=_median_distance(train_z))
 
     # held-out pass: ELBO, reconstructions, features, diversity set, nearest training volumes
+    logger.info(f"evaluation: {len(heldout_files)} held-out volumes (ELBO, reconstructions, nearest training volumes)")
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_kernel, kernel_sigma=1.5)
     elbo_nats, elbo_bits, kl_groups, held_feats, held_div, shown = [], [], [], [], [], {}
     held_nn = NearestTrainingVolume(train_loader, device, chunk_size)
@@ -403,6 +405,7 @@ def evaluate(
 
     # samples, per temperature
     for t in temps:
+        logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
         feats, div, nn_search, first = [], [], NearestTrainingVolume(train_loader, device, chunk_size), []
         with torch.no_grad():
             for b, start in enumerate(range(0, num_samples, batch_size)):
