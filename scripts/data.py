@@ -194,7 +194,10 @@ def ensure_default_dataset(folder: str, timeout_s: float = 1800.0, **kwargs) -> 
         start = time.time()
         while not os.path.isdir(folder):
             if time.time() - start > timeout_s:
-                raise TimeoutError(f"rank {_rank()}: waited {timeout_s:.0f} s for rank 0 to generate {folder}")
+                raise TimeoutError(
+                    f"rank {_rank()}: waited {timeout_s:.0f} s for rank 0 to generate {folder}; on several nodes the "
+                    "folder must be on a filesystem they all share (or generate it on each node first)"
+                )
             time.sleep(1.0)
         return
     from scripts.default_data import generate_mni_cohort

@@ -177,6 +177,21 @@ class VDVAETrainer(SupervisedTrainer):
         self.scaler = torch.amp.GradScaler("cuda") if amp_mode == "float16" else None
         self.state.skipped_updates = 0  # logged per epoch
 
+    def load_state_dict(self, state_dict) -> None:
+        """Ignite's trainer state (iteration, epoch length, max epochs), refused when the checkpoint's epoch length
+        differs from this run's: Ignite would keep the saved length and silently cut or misnumber epochs. The
+        length is ceil(volumes / (processes x batch_size)), so it matches when the effective batch does."""
+        saved = state_dict.get("epoch_length")
+        current = len(self.data_loader) if hasattr(self.data_loader, "__len__") else None
+        if saved is not None and current is not None and int(saved) != current:
+            raise ValueError(
+                f"the checkpoint was written with {saved} iterations per epoch but this run has {current}: the number "
+                "of processes x batch_size (the effective batch) differs from the run that wrote it. Resume with "
+                "the same effective batch (e.g. 2 processes x batch 4 -> 1 process x batch 8), or train into a new "
+                "output_dir (or --resume False)"
+            )
+        super().load_state_dict(state_dict)
+
     def _iteration(self, engine: VDVAETrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")

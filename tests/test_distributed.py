@@ -1,8 +1,10 @@
 """Distributed training with torchrun on CPU (gloo): configs/multi_gpu_train.json on two processes.
 
 The runs use the tiny architecture of tests/test_bundle.py on 7 of the synthetic volumes (4 training, 3
-validation) with batch 2 per process, so one epoch is one DDP step. A test overlay adds :class:`RankProbe`, which
-records on every rank what it trained and validated on."""
+validation) with batch 2 per process, so one epoch is one DDP step. The first run is a 2-node launch (two
+torchrun agents of one process each, c10d rendezvous on this machine), the others ``--standalone
+--nproc_per_node=2``. A test overlay adds :class:`RankProbe`, which records on every rank what it trained and
+validated on."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +24,7 @@ import torch.distributed as dist
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.distributed import TORCHRUN_ENV
+from scripts.distributed import TORCHRUN_ENV, check_volumes_per_rank
 from scripts.handlers import latest_checkpoint
 from scripts.networks import VDVAE
 from scripts.trainer import VDVAEEvaluator
@@ -44,11 +48,13 @@ class RankProbe:
     """Test handler, attached to the trainer and the evaluator by a test overlay. Writes ``folder/rank<r>.json``
     with this rank's first training step of the run (epoch, iteration, weight checksum before the step, volumes,
     loss) and every validation (volumes, per-volume negative ELBO, the reduced key metric), and
-    ``folder/rank<r>_network.pt`` with the final weights."""
+    ``folder/rank<r>_network.pt`` with the final weights. With ``nan_at_iteration`` > 0, rank 1 fills that
+    iteration's batch with NaN (a non-finite loss on one rank only)."""
 
-    def __init__(self, folder: str, network: torch.nn.Module) -> None:
+    def __init__(self, folder: str, network: torch.nn.Module, nan_at_iteration: int = 0) -> None:
         self.folder = folder
         self.network = network
+        self.nan_at_iteration = int(nan_at_iteration)
         self.rank = int(os.environ.get("RANK", "0"))
         self.record: dict = {"first_step": None, "validations": []}
 
@@ -63,6 +69,8 @@ class RankProbe:
             engine.add_event_handler(Events.COMPLETED, self._save)
 
     def _step_start(self, engine) -> None:
+        if self.rank == 1 and engine.state.iteration == self.nan_at_iteration:
+            engine.state.batch["image"].fill_(float("nan"))
         if self.record["first_step"] is None:
             self.record["first_step"] = {
                 "epoch": engine.state.epoch,
@@ -95,12 +103,13 @@ class RankProbe:
             json.dump(self.record, f)
 
 
-def probe_overlay(folder: str) -> str:
+def probe_overlay(folder: str, nan_at_iteration: int = 0) -> str:
     """Writes ``folder/probe.json``: an overlay that attaches a :class:`RankProbe` writing into ``folder`` and
     trains on the deterministic preprocessing only (no augmentation, no random crop)."""
     os.makedirs(folder, exist_ok=True)
+    probe_config = {"folder": folder, "network": "@network", "nan_at_iteration": nan_at_iteration}
     overlay = {
-        "train#probe": {"_target_": "tests.test_distributed.RankProbe", "folder": folder, "network": "@network"},
+        "train#probe": {"_target_": "tests.test_distributed.RankProbe", **probe_config},
         "train#trainer#train_handlers": "$@train#handlers + [@train#probe]",
         "validate#evaluator#val_handlers": "$@validate#handlers + [@train#probe]",
         "train#preprocessing#transforms": "@base_transforms",
@@ -125,9 +134,13 @@ def small_split(nifti_dir: str, out: str, **extra) -> dict:
     return opts
 
 
-def torchrun_command(nproc: int, overrides: dict, config_files: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", json.dumps(config_files)]
+STANDALONE = ["--standalone", "--nproc_per_node=2"]
+
+
+def torchrun_command(launch: list[str], overrides: dict, config_files: list[str]) -> list[str]:
+    """``torchrun <launch> -m monai.bundle run`` on ``config_files`` with ``overrides``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "monai.bundle", "run"]
+    cmd += ["--config_file", json.dumps(config_files)]
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return cmd
@@ -140,22 +153,37 @@ def clean_env() -> dict:
     return env
 
 
-def torchrun(nproc: int, overrides: dict, config_files: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        torchrun_command(nproc, overrides, config_files), cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def torchrun(launches: list[list[str]], overrides: dict, config_files: list[str]) -> str:
+    """Runs one torchrun agent per entry of ``launches`` (one per simulated node) to the end; returns their logs."""
+    procs = [
+        subprocess.Popen(
+            torchrun_command(launch, overrides, config_files), cwd=ROOT, env=clean_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for launch in launches
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError("torchrun failed:\n" + "\n".join(log[-5000:] for log in logs))
+    return "\n".join(logs)
+
+
+def two_nodes() -> list[list[str]]:
+    """torchrun arguments of a 2-node launch (one process per node) with a c10d rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}"]
+    return [[*common, f"--node_rank={node}", f"--rdzv_id=vdvae-test-{port}"] for node in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, nifti_dir) -> dict:
-    """One epoch (one step) of a 2-process gloo run with the probe."""
+    """One epoch (one step) of a 2-node, 1-process-per-node gloo run with the probe."""
     out = str(tmp_path_factory.mktemp("ddp") / "run")
     folder = os.path.join(out, "probe")
-    proc = torchrun(2, small_split(nifti_dir, out), [TRAIN, MULTI, probe_overlay(folder)])
-    return {"out": out, "probe": folder, "log": proc.stdout + proc.stderr}
+    log = torchrun(two_nodes(), small_split(nifti_dir, out), [TRAIN, MULTI, probe_overlay(folder)])
+    return {"out": out, "probe": folder, "log": log}
 
 
 def test_two_processes_write_one_checkpoint_and_identical_replicas(ddp_run):
@@ -203,12 +231,12 @@ def test_first_step_matches_one_process_with_twice_the_batch(ddp_run, tmp_path, 
     assert ddp_loss == pytest.approx(single["loss"], rel=1e-3)
 
 
-def test_resume_under_ddp_then_on_one_device_and_in_inference(ddp_run, tmp_path, nifti_dir):
+def test_resume_and_nan_skip_under_ddp_then_one_device_and_inference(ddp_run, tmp_path, nifti_dir, monkeypatch):
     out = str(tmp_path / "resumed")
     shutil.copytree(ddp_run["out"], out, ignore=shutil.ignore_patterns("probe"))
     folder = os.path.join(out, "probe")
     opts = small_split(nifti_dir, out, max_epochs=2)
-    torchrun(2, opts, [TRAIN, MULTI, probe_overlay(folder)])
+    torchrun([STANDALONE], opts, [TRAIN, MULTI, probe_overlay(folder, nan_at_iteration=2)])
     resumed_from = torch.load(os.path.join(ddp_run["out"], "checkpoints", "checkpoint_1.pt"), weights_only=True)
     for r in (0, 1):  # every rank continued from the same checkpoint
         first = probe(folder, r)["first_step"]
@@ -216,11 +244,28 @@ def test_resume_under_ddp_then_on_one_device_and_in_inference(ddp_run, tmp_path,
         assert first["checksum"] == weight_checksum(resumed_from["network"])
     assert latest_checkpoint(os.path.join(out, "checkpoints")).endswith("checkpoint_2.pt")
 
+    # that step's loss was NaN on rank 1 only, and neither rank stepped
+    losses = [probe(folder, r)["first_step"]["loss"] for r in (0, 1)]
+    assert losses[0] == losses[0] and losses[1] != losses[1]
+    after = torch.load(os.path.join(out, "checkpoints", "checkpoint_2.pt"), weights_only=True)
+    assert after["gradient_skipper"]["skipped_total"] == 1  # saved by rank 0, whose own loss was finite
+    for r in (0, 1):
+        weights = torch.load(os.path.join(folder, f"rank{r}_network.pt"), weights_only=True)
+        assert all(torch.equal(weights[k], resumed_from["network"][k]) for k in weights)
+
     # the distributed checkpoint resumes a single-device run (batch 4: one step per epoch)
     proc = run_bundle({**opts, "max_epochs": 3, "batch_size": 4})
     assert "Restored all variables from" in proc.stdout + proc.stderr and "checkpoint_2.pt" in proc.stdout + proc.stderr
     final = torch.load(latest_checkpoint(os.path.join(out, "checkpoints")), weights_only=True)
     assert final["trainer"]["iteration"] == 3
+
+    # resuming with another effective batch (2 steps per epoch) is refused instead of silently cutting epochs
+    monkeypatch.chdir(ROOT)
+    workflow = ConfigWorkflow(workflow_type="train", config_file=TRAIN, **{**opts, "max_epochs": 4, "batch_size": 2})
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps what a config expression raises
+        workflow.run()
+    assert "written with 1 iterations per epoch but this run has 2" in str(err.value.__cause__)
 
     # and its weights load into a plain network, as configs/inference.json does
     net = VDVAE(16, **tiny_architecture(16))
@@ -272,7 +317,7 @@ def test_stopping_a_run_stops_every_process_and_keeps_the_checkpoint(stop, tmp_p
     out = str(tmp_path / f"stopped_{stop}")
     opts = tiny_overrides(nifti_dir, out, max_epochs=1000, num_workers=1, save_every_n_iterations=1)
     proc = subprocess.Popen(
-        torchrun_command(2, opts, [TRAIN, MULTI]), cwd=ROOT, env=clean_env(), start_new_session=True,
+        torchrun_command(STANDALONE, opts, [TRAIN, MULTI]), cwd=ROOT, env=clean_env(), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -332,6 +377,13 @@ def test_bad_launches_say_how_to_launch(tmp_path, nifti_dir, monkeypatch):
         workflow.initialize()
     assert "Add the distributed overlay" in str(err.value.__cause__) and MULTI in str(err.value.__cause__)
     assert not os.path.exists(tmp_path / "bad")  # stopped before writing anything
+
+    # validation is split across ranks without padding: each needs a volume
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="the validation split has 3 volume.* but the run has 4 processes"):
+        check_volumes_per_rank(SimpleNamespace(val_files=["a.nii", "b.nii", "c.nii"]))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert check_volumes_per_rank(SimpleNamespace(val_files=["a.nii", "b.nii", "c.nii"]))
 
 
 def test_overlay_keeps_train_initialize_and_silences_only_logging_on_other_ranks():
