@@ -28,7 +28,6 @@ from scripts.handlers import latest_checkpoint
 __all__ = [
     "TORCHRUN_ENV",
     "LAUNCH_COMMAND",
-    "rank",
     "world_size",
     "local_device",
     "require_single_process",
@@ -42,13 +41,6 @@ LAUNCH_COMMAND = (
     "torchrun --standalone --nproc_per_node=N -m monai.bundle run "
     "--config_file \"['configs/train.json','configs/multi_gpu_train.json']\""
 )
-
-
-def rank() -> int:
-    """Global rank of this process: from the process group when there is one, else ``RANK`` (0 when unset)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
