@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["VDVAE", "VDVAETrainingStep", "ResBlock", "TopDownBlock", "gaussian_kl"]
 
@@ -39,6 +40,57 @@ def gaussian_kl(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, s
     """Elementwise KL(N(mu_q, scale_q^2) || N(mu_p, scale_p^2)), same shape as the inputs."""
     var_ratio = (scale_q / scale_p) ** 2
     return 0.5 * (var_ratio + ((mu_q - mu_p) / scale_p) ** 2 - 1.0 - torch.log(var_ratio))
+
+
+class GaussianKLPerVolume(torch.autograd.Function):
+    """Sum over (C, D, H, W) of :func:`gaussian_kl`, (B, C, D, H, W) x 4 -> (B,), computed in float32 whatever
+    the input dtype, with an analytic backward that keeps only the four inputs.
+
+    Autograd through :func:`gaussian_kl` would store about six float32 latent-sized intermediates per group,
+    the largest share of training memory at 128^3; this stores none.
+    """
+
+    @staticmethod
+    def forward(ctx, mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mu_q, scale_q, mu_p, scale_p)
+        return gaussian_kl(mu_q.float(), scale_q.float(), mu_p.float(), scale_p.float()).sum(dim=(1, 2, 3, 4))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mu_q, scale_q, mu_p, scale_p = ctx.saved_tensors
+        g = grad.float().view(-1, 1, 1, 1, 1)
+        sq, sp = scale_q.float(), scale_p.float()
+        inv_var_p = sp.reciprocal().square_()
+        diff = (mu_q.float() - mu_p.float()).mul_(inv_var_p)  # (mu_q - mu_p) / sp^2
+        grad_mu_q = diff * g
+        # d/d sp = 1/sp - (sq^2 + (mu_q - mu_p)^2) / sp^3 = (1 - sq^2/sp^2 - diff^2 sp^2) / sp
+        grad_scale_p = (1.0 - sq.square() * inv_var_p - diff.square() / inv_var_p).div_(sp).mul_(g)
+        grad_scale_q = (sq * inv_var_p - sq.reciprocal()).mul_(g)
+        return (
+            grad_mu_q.to(mu_q.dtype),
+            grad_scale_q.to(scale_q.dtype),
+            (-grad_mu_q).to(mu_p.dtype),
+            grad_scale_p.to(scale_p.dtype),
+        )
+
+
+def gaussian_kl_per_volume(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) summed per volume (B,), float32; memory-lean autograd outside TorchScript."""
+    if torch.jit.is_scripting():
+        return gaussian_kl(mu_q.float(), scale_q.float(), mu_p.float(), scale_p.float()).sum(dim=(1, 2, 3, 4))
+    return GaussianKLPerVolume.apply(mu_q, scale_q, mu_p, scale_p)
+
+
+def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise of t's shape in float32, laid out like ``t`` (channels-last-3d when t's channel stride is 1).
+
+    torch's vectorised normal sampler needs a dense tensor; ``randn_like`` of a channel slice of a channels-last
+    activation falls back to a slow element-by-element path (10% of a training step here).
+    """
+    b, c, d, h, w = t.shape[0], t.shape[1], t.shape[2], t.shape[3], t.shape[4]
+    if c > 1 and t.stride(1) == 1:
+        return torch.randn([b, d, h, w, c], dtype=torch.float32, device=t.device).permute(0, 4, 1, 2, 3)
+    return torch.randn([b, c, d, h, w], dtype=torch.float32, device=t.device)
 
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Module:
@@ -109,8 +161,15 @@ class ResBlock(nn.Module):
                 last.weight.zero_()
             else:
                 last.weight.mul_(last_scale)
+        self.activation_checkpointing = False  # set by VDVAE.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for conv in self.convs:
             h = conv(F.gelu(h))
@@ -150,6 +209,7 @@ class TopDownBlock(nn.Module):
         self.z_proj = nn.Conv3d(latent_channels, channels, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(last_scale)
+        self.activation_checkpointing = False  # set by VDVAE.set_activation_checkpointing
 
     def _scale(self, raw: torch.Tensor) -> torch.Tensor:
         return self.scale_lo + (self.scale_hi - self.scale_lo) * torch.sigmoid(raw)
@@ -172,20 +232,29 @@ class TopDownBlock(nn.Module):
 
     def forward(
         self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new h, z, KL of this group): KL is (B, Z, d, h, w), or (B, 1, 1, 1, 1) zeros when the
-        posterior is not used (sampling), so no latent-sized tensor of zeros is built."""
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (new h (B, C, d, h, w), KL of this group per volume (B,), float32; zeros when the posterior
+        is not used). With ``activation_checkpointing`` in training, the block's activations are recomputed in
+        the backward pass (same noise: the RNG state is restored) instead of being stored."""
+        if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(self._forward, h, lateral, use_posterior, sample, temperature, use_reentrant=False)
+        return self._forward(h, lateral, use_posterior, sample, temperature)
+
+    def _forward(
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         mu_p, scale_p, skip = self.prior_params(h)
         if use_posterior:
             mu_q, scale_q = self.posterior_params(h, lateral)
             mu_q_f, scale_q_f = mu_q.float(), scale_q.float()
-            kl = gaussian_kl(mu_q_f, scale_q_f, mu_p.float(), scale_p.float())
-            z = mu_q_f + scale_q_f * torch.randn_like(mu_q_f) if sample else mu_q_f
+            kl = gaussian_kl_per_volume(mu_q, scale_q, mu_p, scale_p)
+            z = mu_q_f + scale_q_f * standard_normal_like(mu_q_f) if sample else mu_q_f
         else:
-            kl = torch.zeros(h.shape[0], 1, 1, 1, 1, dtype=torch.float32, device=h.device)
-            z = mu_p.float() + temperature * scale_p.float() * torch.randn_like(mu_p, dtype=torch.float32) if sample else mu_p.float()
+            kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+            z = mu_p.float() + temperature * scale_p.float() * standard_normal_like(mu_p) if sample else mu_p.float()
         z = z.to(h.dtype)
-        return h + skip + self.z_proj(z), z, kl
+        return h + skip + self.z_proj(z), kl
 
 
 class VDVAE(nn.Module):
@@ -208,6 +277,9 @@ class VDVAE(nn.Module):
         output_activation_function: "tanh" (reference) or "identity" for the output mean.
         predict_x_scale: learn the per-voxel output scale; when false it is fixed at ``fixed_x_scale``.
         fixed_x_scale: output scale used when ``predict_x_scale`` is false.
+        activation_checkpointing: in training, store only the input of each residual block and latent group
+            and recompute the rest in the backward pass: a fraction of the memory for about a third more time
+            (see docs/performance.md). Has no effect on results, evaluation or sampling.
     """
 
     def __init__(
@@ -228,6 +300,7 @@ class VDVAE(nn.Module):
         output_activation_function: str = "tanh",
         predict_x_scale: bool = True,
         fixed_x_scale: float = 0.1,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         lists = dict(
@@ -315,6 +388,14 @@ class VDVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint every encoder residual block, latent group and decoder residual block (not nested)."""
+        self.activation_checkpointing = bool(enabled)
+        outer = [b for level in self.encoder_levels for b in level]
+        for m in outer + list(self.decoder_blocks) + list(self.decoder_resblocks):
+            m.activation_checkpointing = self.activation_checkpointing
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -375,10 +456,10 @@ class VDVAE(nn.Module):
         for transition, block, res in zip(self.decoder_transitions, self.decoder_blocks, self.decoder_resblocks):
             h = transition(h)
             if laterals is not None and g < posterior_groups:
-                h, _, kl = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0)
+                h, kl = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0)
             else:
-                h, _, kl = block(h, h, False, sample_prior, temperature)
-            kls.append(kl.sum(dim=(1, 2, 3, 4)))
+                h, kl = block(h, h, False, sample_prior, temperature)
+            kls.append(kl)
             h = res(h)
             g += 1
         h = self.final_transition(h)

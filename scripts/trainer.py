@@ -5,6 +5,7 @@ and an evaluator that reports the negative ELBO per volume."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scripts.losses import negative_elbo_terms
 
-__all__ = ["VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
+__all__ = ["return_large_blocks_to_os", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
@@ -34,6 +35,22 @@ def autocast(device: torch.device | str, amp: str):
     if amp == "float16" and device_type != "cuda":
         raise ValueError("amp='float16' needs a CUDA device; use amp='bfloat16' on CPU")
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bfloat16" else torch.float16)
+
+
+def return_large_blocks_to_os(enabled: bool, threshold_bytes: int = 4 << 20) -> bool:
+    """With ``enabled``, has glibc serve allocations >= ``threshold_bytes`` by mmap, so freed activations go back
+    to the OS at once. glibc's default raises that threshold up to 32 MiB as large blocks are freed, after which
+    the heap fragments: at 128^3 with activation checkpointing the peak resident set of a training step drops from
+    8.8 GB to 6.3 GB (docs/performance.md), for about a third more time per step at 32^3, hence only together with
+    ``activation_checkpointing``. Returns whether the setting was applied (False off glibc or when disabled)."""
+    if not enabled:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
 
 
 def make_ema(network: nn.Module, decay: float) -> AveragedModel | None:
