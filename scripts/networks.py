@@ -84,13 +84,14 @@ def gaussian_kl_per_volume(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torc
 def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
     """N(0, 1) noise of t's shape in float32, laid out like ``t`` (channels-last-3d when t's channel stride is 1).
 
-    torch's vectorised normal sampler needs a dense tensor; ``randn_like`` of a channel slice of a channels-last
-    activation falls back to a slow element-by-element path (10% of a training step here).
+    The values are drawn in (B, C, D, H, W) order whatever the layout, so a seed gives the same latents with and
+    without channels-last. Drawing into a dense tensor matters: ``randn_like`` of a channel slice of a
+    channels-last activation falls back to a slow element-by-element path (10% of a training step here).
     """
-    b, c, d, h, w = t.shape[0], t.shape[1], t.shape[2], t.shape[3], t.shape[4]
-    if c > 1 and t.stride(1) == 1:
-        return torch.randn([b, d, h, w, c], dtype=torch.float32, device=t.device).permute(0, 4, 1, 2, 3)
-    return torch.randn([b, c, d, h, w], dtype=torch.float32, device=t.device)
+    noise = torch.randn(t.shape, dtype=torch.float32, device=t.device)
+    if t.dim() == 5 and t.shape[1] > 1 and t.stride(1) == 1:
+        return noise.contiguous(memory_format=torch.channels_last_3d)
+    return noise
 
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Module:

@@ -163,6 +163,10 @@ def test_noise_follows_the_channels_last_layout():
     assert noise.is_contiguous(memory_format=torch.channels_last_3d)
     assert standard_normal_like(torch.zeros(2, 3, 4, 4, 4)).is_contiguous()
     assert 0.8 < float(standard_normal_like(torch.zeros(4, 8, 8, 8, 8)).std()) < 1.2
+    torch.manual_seed(0)
+    a = standard_normal_like(t)
+    torch.manual_seed(0)
+    assert torch.equal(a, standard_normal_like(torch.zeros(2, 3, 4, 4, 4)))  # same values in either layout
 
 
 def test_fused_kl_per_volume_matches_autograd_of_the_elementwise_kl():
