@@ -69,6 +69,7 @@ def architecture(resolution: int) -> dict:
     with open(os.path.join(ROOT, "configs", f"vdvae_{resolution}.json")) as f:
         cfg = json.load(f)
     cfg.pop("batch_size")
+    cfg.pop("activation_checkpointing", None)  # a training choice: each benchmarked path sets its own
     return cfg
 
 
@@ -418,8 +419,11 @@ def main(
     quick: bool = False,
     output: str = os.path.join(ROOT, "docs", "performance.md"),
     device: str | None = None,
+    merge: bool = True,
 ) -> None:
-    """Runs the chosen ``sections`` and writes ``output`` (Markdown) and ``output`` with .json (raw figures)."""
+    """Runs the chosen ``sections`` and writes ``output`` (Markdown) and ``output`` with .json (raw figures).
+    With ``merge``, sections not run this time are kept from an earlier run's .json (the Markdown says each
+    section's command and date)."""
     sections = [sections] if isinstance(sections, str) else list(sections)
     resolutions = [int(r) for r in ([resolutions] if isinstance(resolutions, (int, str)) else resolutions)]
     unknown = set(sections) - {"train", "memory", "sampling", "data"}
@@ -441,27 +445,41 @@ def main(
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    raw_path = os.path.splitext(output)[0] + ".json"
+    if merge and os.path.exists(raw_path):  # keep the sections of an earlier run that this run does not redo
+        with open(raw_path) as f:
+            earlier = json.load(f)
+        results = {**{k: v for k, v in earlier.items() if k in ("train", "memory", "sampling", "data")}, **results}
+
+    def save() -> None:
+        """Writes the Markdown table and the raw figures; called after every section, so a failure keeps the rest."""
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        write_markdown(results, output)
+        with open(raw_path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
     if "train" in sections:
         results["train"] = []
         for r in resolutions:
             log(f"training {r}^3 ...")
             results["train"].append(bench_training(r, steps, warmup, dev, log))
+            save()
     if "memory" in sections:
         log("peak memory ...")
         cases = [(r, k) for r in resolutions for k in ("float32", "bf16_cl", "bf16_cl_ckpt")]
         if not quick:
             cases += [(128, "bf16_cl_ckpt")]
         results["memory"] = bench_memory(cases, dev, log)
+        save()
     if "sampling" in sections:
         log("sampling ...")
         results["sampling"] = bench_sampling(resolutions + ([] if quick else [128]), dev, 2 if quick else 3, log)
+        save()
     if "data" in sections:
         log("data loading ...")
         results["data"] = bench_data_loading(4 if quick else 12, log)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    write_markdown(results, output)
-    with open(os.path.splitext(output)[0] + ".json", "w") as f:
-        json.dump({k: v for k, v in results.items()}, f, indent=1, default=str)
+        save()
+    save()
     log(f"wrote {output}")
 
 

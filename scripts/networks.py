@@ -279,7 +279,7 @@ class VDVAE(nn.Module):
         predict_x_scale: learn the per-voxel output scale; when false it is fixed at ``fixed_x_scale``.
         fixed_x_scale: output scale used when ``predict_x_scale`` is false.
         activation_checkpointing: in training, store only the input of each residual block and latent group
-            and recompute the rest in the backward pass: a fraction of the memory for about a third more time
+            and recompute the rest in the backward pass: a fraction of the memory for 20-80% more time
             (see docs/performance.md). Has no effect on results, evaluation or sampling.
     """
 

@@ -40,9 +40,9 @@ def autocast(device: torch.device | str, amp: str):
 def return_large_blocks_to_os(enabled: bool, threshold_bytes: int = 4 << 20) -> bool:
     """With ``enabled``, has glibc serve allocations >= ``threshold_bytes`` by mmap, so freed activations go back
     to the OS at once. glibc's default raises that threshold up to 32 MiB as large blocks are freed, after which
-    the heap fragments: at 128^3 with activation checkpointing the peak resident set of a training step drops from
-    8.8 GB to 6.3 GB (docs/performance.md), for about a third more time per step at 32^3, hence only together with
-    ``activation_checkpointing``. Returns whether the setting was applied (False off glibc or when disabled)."""
+    the heap fragments and keeps freed activations resident. This is what keeps a 128^3 training step with
+    activation checkpointing under 8 GB (docs/performance.md); mmap-ing every large block costs time (page
+    faults), hence only together with ``activation_checkpointing``. Returns whether the setting was applied (False off glibc or when disabled)."""
     if not enabled:
         return False
     try:
