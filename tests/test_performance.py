@@ -38,3 +38,23 @@ def test_bfloat16_channels_last_loss_matches_float32():
     # a different batch gives a clearly different loss: the tolerance above is tight enough to fail
     other, _ = _first_step_loss("none", False, x * 0.5)
     assert abs(other - loss32) / abs(loss32) > 5 * RELATIVE_TOLERANCE
+
+
+def test_benchmark_counts_convolution_flops_like_torch():
+    """The benchmark's analytic FLOP count of a training step equals torch's FlopCounterMode on the same step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.benchmark import FLOAT32, ConvolutionOnlyModel, TrainingStep
+
+    step = TrainingStep.__new__(TrainingStep)  # a tiny network instead of a preset
+    step.path, step.device = FLOAT32, torch.device("cpu")
+    torch.manual_seed(0)
+    step.net = VDVAE(8, **tiny_architecture(8)).train()
+    step.optimizer = torch.optim.Adamax(step.net.parameters(), lr=1e-3)
+    step.loss = ELBOLoss()
+    x = torch.rand(2, 1, 8, 8, 8) * 2 - 1
+    conv_only = ConvolutionOnlyModel(step, x)
+    with FlopCounterMode(display=False) as counter:
+        step.step(x, seed=0)
+    assert conv_only.num_convolutions == sum(isinstance(m, torch.nn.Conv3d) for m in step.net.modules())
+    assert conv_only.flops == counter.get_total_flops()
