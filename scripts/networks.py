@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VDVAE", "VDVAETrainingStep", "ResBlock", "TopDownBlock", "gaussian_kl"]
+__all__ = ["VDVAE", "VDVAETrainingStep", "ResBlock", "TopDownBlock", "gaussian_kl", "gaussian_kl_per_volume", "standard_normal_like"]
 
 ARCHITECTURE_LISTS = (
     "channels",
