@@ -40,7 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from issue #5.
 REFERENCE_VOLUMES_PER_S = {32: 1.2, 64: 0.084}
-REFERENCE_PEAK_GB = {32: 5.4, 64: 8.9}
 TRAIN_BATCH = {32: 8, 64: 2, 128: 1}
 
 
