@@ -1,7 +1,8 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Start-up validation of the bundle's top-level hyperparameters against ``configs/hyperparameters.schema.json``.
 
-Called from a config's ``initialize`` list as ``$scripts.config.validate_hyperparameters(@bundle_root)``. MONAI
+Called from a config's ``initialize`` list as ``$scripts.config.validate_hyperparameters(@hyperparameters_schema)``
+(``configs/hyperparameters.schema.json`` for the VDVAE, ``configs/vq_hyperparameters.schema.json`` for the VQ family). MONAI
 gives config expressions no handle on the parser, so the function finds the ConfigParser that is evaluating
 it on the call stack, reads the merged top-level keys (config files + command-line overrides), resolves
 those the schema types, and raises ValueError naming every unknown (misspelled) or ill-typed key.
@@ -18,8 +19,6 @@ import jsonschema
 from monai.bundle import ConfigParser
 
 __all__ = ["validate_hyperparameters", "check_hyperparameters"]
-
-SCHEMA_FILE = os.path.join("configs", "hyperparameters.schema.json")
 
 
 def _active_parser() -> ConfigParser | None:
@@ -50,12 +49,13 @@ def check_hyperparameters(values: dict, schema: dict) -> None:
         raise ValueError("invalid bundle options:\n  - " + "\n  - ".join(errors))
 
 
-def validate_hyperparameters(bundle_root: str, parser: ConfigParser | None = None) -> bool:
-    """Validates the active config's top-level keys; returns True (so it can sit in an ``initialize`` list)."""
+def validate_hyperparameters(schema_file: str, parser: ConfigParser | None = None) -> bool:
+    """Validates the active config's top-level keys against the JSON schema ``schema_file``; returns True (so it can
+    sit in an ``initialize`` list)."""
     parser = parser or _active_parser()
     if parser is None:
         raise RuntimeError("validate_hyperparameters must run inside a MONAI ConfigParser (a bundle config expression)")
-    with open(os.path.join(bundle_root, SCHEMA_FILE)) as f:
+    with open(schema_file) as f:
         schema = json.load(f)
     typed = {k for k, v in schema["properties"].items() if v.get("type") or v.get("enum")}
     values = {}

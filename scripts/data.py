@@ -43,19 +43,22 @@ def find_niftis(dataset_dir: str | os.PathLike) -> list[str]:
     return files
 
 
-def check_nifti_header(path: str) -> tuple[int, ...]:
-    """Reads the header of ``path``; returns its 3-D shape or raises ValueError naming the file."""
+def check_nifti_header(path: str, channels: int = 1) -> tuple[int, ...]:
+    """Reads the header of ``path``; returns its 3-D shape or raises ValueError naming the file. With ``channels`` > 1
+    the file must be 4-D with that many volumes (paired or multi-contrast volumes as channels)."""
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for corrupt files
         raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
     shape = tuple(int(s) for s in img.shape)
     spatial = shape[:3]
-    extra = shape[3:]
-    if len(spatial) < 3 or min(spatial) < 2 or any(s != 1 for s in extra):
+    extra = [s for s in shape[3:] if s != 1]
+    if channels == 1 and (len(spatial) < 3 or min(spatial) < 2 or extra):
         raise ValueError(
             f"{path}: expected a 3-D volume (a 4-D file may hold one volume), got shape {shape}"
         )
+    if channels > 1 and (len(spatial) < 3 or min(spatial) < 2 or extra != [channels]):
+        raise ValueError(f"{path}: expected a 4-D file of {channels} 3-D volumes (in_channels = {channels}), got shape {shape}")
     return spatial
 
 
@@ -91,6 +94,7 @@ class DataSplit:
         default_dataset_dir: the built-in data folder; when ``dataset_dir`` is it and it is missing, the MNI
             template cohort is generated there first (rank 0 only; other ranks wait).
         default_dataset_kwargs: arguments of :func:`scripts.default_data.generate_mni_cohort`.
+        channels: volumes per file (1, or a 4-D file of paired volumes as channels).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class DataSplit:
         max_niis_to_use: int | None = None,
         default_dataset_dir: str | None = None,
         default_dataset_kwargs: dict | None = None,
+        channels: int = 1,
     ) -> None:
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
@@ -114,7 +119,7 @@ class DataSplit:
         if len(files) < 2:
             raise ValueError(f"dataset_dir {self.dataset_dir!r}: need at least 2 NIfTI files (train + validation), found {len(files)}")
         for f in files:
-            check_nifti_header(f)
+            check_nifti_header(f, channels)
         self.split_file = Path(output_dir) / "data_split.json"
         saved = self._load_saved(files)
         if saved is not None:

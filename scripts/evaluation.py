@@ -1,12 +1,16 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
-"""Evaluation of a trained VDVAE (configs/evaluate.json): one JSON report and one PNG plot.
+"""Evaluation of a trained generator (configs/evaluate.json; the VQ family with configs/vq_evaluate.json on top):
+one JSON report and one PNG plot.
 
 For a held-out set of NIfTI volumes (default: the validation split of the training run) and ``num_samples``
 samples per temperature:
 
-* likelihood: negative ELBO in nats/voxel and discretised bits/voxel (:mod:`scripts.losses`), KL per latent
-  group in nats per volume and per latent dimension, active vs collapsed groups;
-* reconstruction: PSNR and SSIM (MONAI ``PSNRMetric``, ``SSIMMetric``) of the posterior-mean reconstructions;
+* likelihood: for the VDVAE, the negative ELBO in nats/voxel and discretised bits/voxel (:mod:`scripts.losses`),
+  KL per latent group in nats per volume and per latent dimension, active vs collapsed groups; for the VQ family
+  (:class:`scripts.vq.VQGenerator`), the prior's bits per token of the held-out token grids (exact for the
+  autoregressive prior, an ELBO for the absorbing prior), which scores tokens, not voxels;
+* reconstruction: PSNR and SSIM (MONAI ``PSNRMetric``, ``SSIMMetric``) of the posterior-mean reconstructions
+  (VDVAE) or of the decoded token grids (VQ-VAE);
 * diversity: mean pairwise MS-SSIM (MONAI ``MultiScaleSSIMMetric``) among samples, and among real volumes;
 * fidelity: Frechet distance (MONAI ``FIDMetric``) and MMD (MONAI ``MMDMetric``, Gaussian kernel through
   random Fourier features) between the features of samples and of the training volumes, next to the same
@@ -15,7 +19,11 @@ samples per temperature:
   between evaluations of this bundle (same feature network, preprocessing and resolution), not with FIDs
   from the literature;
 * memorisation: each sample's distance (RMSE on the [-1, 1] scale) to its nearest training volume, next to the
-  same distance for the held-out volumes.
+  same distance for the held-out volumes;
+* time per sample (seconds, wall clock, batch of ``batch_size``).
+
+The network needs ``resolution``, ``forward(x)`` (reconstruction), ``sample(n, temperature)`` and either
+``elbo(x)`` (VDVAE) or ``likelihood(x)`` (VQ family).
 
 Everything streams: volumes pass in batches; only features (N, 224), per-volume figures, the first
 ``diversity_samples`` volumes of each set (for the pairwise MS-SSIM) and chunks of ``chunk_size`` queries for
@@ -28,6 +36,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -270,10 +279,10 @@ def evaluate(
     num_workers: int = 0,
     sources: dict | None = None,
 ) -> dict:
-    """Evaluates ``network`` (a loaded VDVAE) and writes ``output_dir/report.json`` and ``output_dir/report.png``.
+    """Evaluates ``network`` and writes ``output_dir/report.json`` and ``output_dir/report.png``.
 
     Args:
-        network: the trained VDVAE, in eval mode.
+        network: the trained VDVAE or :class:`scripts.vq.VQGenerator` (single-channel, 3-D), in eval mode.
         heldout_files: NIfTI volumes never trained on (at least 2).
         train_files: the training volumes (reference set of the Frechet distance and MMD, and of the
             nearest-neighbour search).
@@ -302,6 +311,7 @@ def evaluate(
     train_shapes = check_shapes_match(heldout_files, train_files) if check_shapes else None
     device = torch.device(device)
     network = network.to(device).eval()
+    vdvae = hasattr(network, "elbo")
     resolution = int(network.resolution)
     ms_params = ms_ssim_parameters(resolution)
     ssim_kernel = min(7, resolution - (1 - resolution % 2))
@@ -327,18 +337,23 @@ def evaluate(
     # held-out pass: ELBO, reconstructions, features, diversity set, nearest training volumes
     logger.info(f"evaluation: {len(heldout_files)} held-out volumes (ELBO, reconstructions, nearest training volumes)")
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_kernel, kernel_sigma=1.5)
-    elbo_nats, elbo_bits, kl_groups, held_feats, held_div, shown = [], [], [], [], [], {}
+    elbo_nats, elbo_bits, kl_groups, token_bits, held_feats, held_div, shown = [], [], [], [], [], [], {}
     held_nn = NearestTrainingVolume(train_loader, device, chunk_size)
     torch.manual_seed(seed)
     with torch.no_grad():
         for batch in heldout_loader:
             x = _image(batch).to(device).float()
+            if tuple(x.shape[1:]) != (1,) + (resolution,) * 3:
+                raise ValueError(f"evaluation needs single-channel 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])}")
             with autocast(device, amp):
-                terms = network.elbo(x)
+                if vdvae:
+                    terms = network.elbo(x)
+                    elbo_nats.append(terms["neg_elbo_nats"].cpu())
+                    elbo_bits.append(terms["neg_elbo_bits"].cpu())
+                    kl_groups.append(terms["kl_per_group"].float().cpu())
+                else:
+                    token_bits.append(network.likelihood(x)["bits_per_token"].float().cpu())
                 recon = network(x).float()
-            elbo_nats.append(terms["neg_elbo_nats"].cpu())
-            elbo_bits.append(terms["neg_elbo_bits"].cpu())
-            kl_groups.append(terms["kl_per_group"].float().cpu())
             psnr(_to_unit(recon), _to_unit(x))
             ssim(_to_unit(recon), _to_unit(x))
             held_feats.append(features(x).cpu())
@@ -351,16 +366,6 @@ def evaluate(
     distances = {"held-out": held_dist}
     n_held = held_feats_z.shape[0]
 
-    kl = torch.cat(kl_groups)  # (N, G) nats per volume
-    group_res = network.group_resolutions()
-    dims = network.latent_dims_per_group()
-    groups = []
-    for g in range(kl.shape[1]):
-        mean_kl = float(kl[:, g].mean())
-        groups.append(
-            {"group": g, "resolution": group_res[g], "latent_dims": dims[g], "kl_nats_per_volume": mean_kl,
-             "kl_nats_per_latent_dim": mean_kl / dims[g], "active": mean_kl > kl_active_threshold}
-        )
     n_eq = min(num_samples, n_held)
     real_div, real_pairs = mean_pairwise_ms_ssim(torch.cat(held_div), ms_params) if ms_params else (None, 0)
     report: dict = {
@@ -368,22 +373,18 @@ def evaluate(
         "heldout": {"source": (sources or {}).get("heldout"), "num_volumes": n_held},
         "train": {"source": (sources or {}).get("train"), "num_volumes": int(train_feats.shape[0]), "voxel_grids": train_shapes},
         "seed": seed,
-        "likelihood": {
-            "neg_elbo_nats_per_voxel": _summary(torch.cat(elbo_nats).numpy()),
-            "neg_elbo_bits_per_voxel": _summary(torch.cat(elbo_bits).numpy()),
-            "kl_nats_per_volume": float(kl.sum(1).mean()),
-            "kl_active_threshold_nats_per_volume": kl_active_threshold,
-            "active_groups": [g["group"] for g in groups if g["active"]],
-            "collapsed_groups": [g["group"] for g in groups if not g["active"]],
-            "kl_per_group": groups,
-            "note": "single-sample ELBO estimate (posterior noise seeded with `seed`); groups listed top of the hierarchy first",
-        },
+        "model": network.describe() if hasattr(network, "describe") else {"family": "vdvae"},
+        "likelihood": (
+            _vdvae_likelihood(network, elbo_nats, elbo_bits, kl_groups, kl_active_threshold) if vdvae else _token_likelihood(network, token_bits)
+        ),
         "reconstruction": {
             "psnr_db": float(psnr.aggregate().item()),
             "ssim": float(ssim.aggregate().item()),
             "ssim_kernel_size": ssim_kernel,
             "ssim_kernel_sigma": 1.5,
-            "note": "posterior-mean reconstructions vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
+            "note": (
+                "posterior-mean reconstructions" if vdvae else "reconstructions through the codebook (decoded token grids)"
+            ) + " vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
         },
         "ms_ssim_parameters": ms_params,
         "feature_network": FEATURE_NETWORK + "; comparable only between evaluations of this bundle",
@@ -406,12 +407,14 @@ def evaluate(
     # samples, per temperature
     for t in temps:
         logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
-        feats, div, nn_search, first = [], [], NearestTrainingVolume(train_loader, device, chunk_size), []
+        feats, div, nn_search, first, seconds = [], [], NearestTrainingVolume(train_loader, device, chunk_size), [], 0.0
         with torch.no_grad():
             for b, start in enumerate(range(0, num_samples, batch_size)):
                 torch.manual_seed(seed + b)
+                tic = time.perf_counter()
                 with autocast(device, amp):
                     s = network.sample(min(batch_size, num_samples - start), t).float()
+                seconds += time.perf_counter() - tic
                 feats.append(features(s).cpu())
                 _keep(div, s, diversity_samples)
                 _keep(first, s, 4)
@@ -423,6 +426,7 @@ def evaluate(
         report["samples"][f"{t:g}"] = {
             "temperature": t,
             "num_samples": num_samples,
+            "seconds_per_sample": seconds / num_samples,
             "diversity_mean_pairwise_ms_ssim": div_value,
             "diversity_pairs": div_pairs,
             "frechet_distance_to_train": _frechet(z[:n_eq], train_z),
@@ -456,6 +460,46 @@ def evaluate(
     return report
 
 
+def _vdvae_likelihood(network: nn.Module, elbo_nats: list, elbo_bits: list, kl_groups: list, kl_active_threshold: float) -> dict:
+    """Likelihood section of the VDVAE report: negative ELBO per voxel and KL per latent group."""
+    kl = torch.cat(kl_groups)  # (N, G) nats per volume
+    group_res = network.group_resolutions()
+    dims = network.latent_dims_per_group()
+    groups = []
+    for g in range(kl.shape[1]):
+        mean_kl = float(kl[:, g].mean())
+        groups.append(
+            {"group": g, "resolution": group_res[g], "latent_dims": dims[g], "kl_nats_per_volume": mean_kl,
+             "kl_nats_per_latent_dim": mean_kl / dims[g], "active": mean_kl > kl_active_threshold}
+        )
+    return {
+        "neg_elbo_nats_per_voxel": _summary(torch.cat(elbo_nats).numpy()),
+        "neg_elbo_bits_per_voxel": _summary(torch.cat(elbo_bits).numpy()),
+        "kl_nats_per_volume": float(kl.sum(1).mean()),
+        "kl_active_threshold_nats_per_volume": kl_active_threshold,
+        "active_groups": [g["group"] for g in groups if g["active"]],
+        "collapsed_groups": [g["group"] for g in groups if not g["active"]],
+        "kl_per_group": groups,
+        "note": "single-sample ELBO estimate (posterior noise seeded with `seed`); groups listed top of the hierarchy first",
+    }
+
+
+def _token_likelihood(network: nn.Module, token_bits: list) -> dict:
+    """Likelihood section of a VQ-family report: the prior's bits per token of the held-out token grids."""
+    bits = torch.cat(token_bits).numpy()
+    tokens = math.prod(network.vqvae.token_grid)
+    return {
+        "bits_per_token": _summary(bits),
+        "tokens_per_volume": tokens,
+        "bits_per_volume": float(bits.mean() * tokens),
+        "kind": network.describe()["likelihood"],
+        "note": (
+            "the likelihood of the token grid under the prior; the VQ-VAE decoder is deterministic, so this is not a "
+            "likelihood of the voxels and cannot be compared with the VDVAE's bits per voxel"
+        ),
+    }
+
+
 def _keep(store: list, x: torch.Tensor, limit: int) -> None:
     """Appends the first volumes of ``x`` (B, 1, R, R, R) to ``store`` (on the CPU) until it holds ``limit``."""
     have = sum(v.shape[0] for v in store)
@@ -486,7 +530,7 @@ def _mmd(gen: torch.Tensor, ref: torch.Tensor, rff: RandomFourierFeatures) -> fl
 
 
 def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: dict[str, np.ndarray], path: str) -> str:
-    """One PNG: KL per latent group (log scale, active groups dark), the distances to the nearest training
+    """One PNG: KL per latent group (log scale, active groups dark; the token likelihood for the VQ family), the distances to the nearest training
     volume of the held-out volumes and of each temperature's samples (one tick per volume, median in red), and
     one row of 3-plane views per set of volumes in ``shown`` (held-out, reconstructions, samples)."""
     from PIL import Image, ImageDraw
@@ -500,21 +544,27 @@ def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: d
     draw = ImageDraw.Draw(img)
     x0, x1 = pad + 40, width - pad
 
-    # KL per group, log10 scale
-    groups = report["likelihood"]["kl_per_group"]
-    draw.text((pad, 8), "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)", fill="black")
-    values = [max(g["kl_nats_per_volume"], 1e-6) for g in groups]
-    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
-    hi = max(hi, lo + 1)
-    y0, y1 = 30, chart_h - 30
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    bar_w = (x1 - x0) / len(groups)
-    for i, (g, v) in enumerate(zip(groups, values)):
-        top = y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
-        draw.rectangle((x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1), fill=(40, 70, 160) if g["active"] else (170, 190, 230))
-        draw.text((x0 + i * bar_w + 2, y1 + 4), f"{g['resolution']}^3", fill="black")
-    for e in range(lo, hi + 1):
-        draw.text((pad - 30, y1 - (e - lo) / (hi - lo) * (y1 - y0) - 6), f"1e{e}", fill="black")
+    # KL per group, log10 scale (VDVAE); the token likelihood as text (VQ family)
+    likelihood = report["likelihood"]
+    if "kl_per_group" not in likelihood:
+        draw.text((pad, 8), f"{report['model']['family']}: held-out {likelihood['kind']}", fill="black")
+        b = likelihood["bits_per_token"]
+        draw.text((pad, 30), f"bits per token: mean {b['mean']:.3f} (median {b['median']:.3f}), {likelihood['tokens_per_volume']} tokens per volume", fill="black")
+    else:
+        groups = report["likelihood"]["kl_per_group"]
+        draw.text((pad, 8), "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)", fill="black")
+        values = [max(g["kl_nats_per_volume"], 1e-6) for g in groups]
+        lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
+        hi = max(hi, lo + 1)
+        y0, y1 = 30, chart_h - 30
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        bar_w = (x1 - x0) / len(groups)
+        for i, (g, v) in enumerate(zip(groups, values)):
+            top = y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
+            draw.rectangle((x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1), fill=(40, 70, 160) if g["active"] else (170, 190, 230))
+            draw.text((x0 + i * bar_w + 2, y1 + 4), f"{g['resolution']}^3", fill="black")
+        for e in range(lo, hi + 1):
+            draw.text((pad - 30, y1 - (e - lo) / (hi - lo) * (y1 - y0) - 6), f"1e{e}", fill="black")
 
     # distances to the nearest training volume, one strip per set
     top = chart_h + pad

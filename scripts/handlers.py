@@ -114,19 +114,27 @@ class TrainingCheckpoint:
 
 class BestModelSaver:
     """After each validation, writes the network's weights (the EMA's when ``ema`` is given) as a plain state
-    dict to ``path`` (``models/model.pt``) when the key metric (lower is better) improved, and next to it
+    dict to ``path`` (``models/model.pt``) when the key metric ``metric_name`` improved (lower is better unless
+    ``higher_is_better``), and next to it
     ``model.json``: the training grid's affine and intensity window from ``data`` (used by inference to write
     samples that overlay the training data). Both atomic."""
 
     def __init__(
-        self, network: nn.Module, path: str, ema: AveragedModel | None = None, data=None, metric_name: str = "val_neg_elbo_nats"
+        self,
+        network: nn.Module,
+        path: str,
+        ema: AveragedModel | None = None,
+        data=None,
+        metric_name: str = "val_neg_elbo_nats",
+        higher_is_better: bool = False,
     ) -> None:
         self.network = network
+        self.sign = -1.0 if higher_is_better else 1.0
         self.data = data
         self.ema = ema
         self.path = path
         self.metric_name = metric_name
-        self.best = float("inf")
+        self.best = self.sign * float("inf")
         self.best_epoch = -1
 
     def attach(self, engine: Engine) -> None:
@@ -135,7 +143,7 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
-        if value < self.best:
+        if self.sign * value < self.sign * self.best:
             self.best, self.best_epoch = value, int(engine.state.epoch)
             source = self.ema.module if self.ema is not None else self.network
             state = {k: v.detach().cpu() for k, v in source.state_dict().items()}

@@ -26,6 +26,7 @@ from scripts.trainer import autocast
 from scripts.visualisation import montage, save_png
 
 __all__ = [
+    "nifti_array",
     "SampleRequests",
     "SamplingEvaluator",
     "PriorSampler",
@@ -104,6 +105,16 @@ def save_nifti(volume: np.ndarray, affine: np.ndarray, path: str) -> str:
     return path
 
 
+def nifti_array(item: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """A network output (C, *spatial) on [-1, 1] as the array of a NIfTI file, intensities mapped to [low, high]:
+    (*spatial) for one channel, (D, H, W, C) for several 3-D channels, (H, W, 1, C) for several 2-D channels."""
+    data = low + (np.asarray(item, dtype=np.float32) + 1.0) / 2.0 * (high - low)
+    if data.shape[0] == 1:
+        return data[0]
+    data = np.moveaxis(data, 0, -1)
+    return data[:, :, None, :] if data.ndim == 3 else data
+
+
 class SampleRequests(torch.utils.data.Dataset):
     """``num_samples`` requests per temperature: items {"index", "temperature"}."""
 
@@ -147,7 +158,7 @@ class SamplingEvaluator(SupervisedEvaluator):
 
 
 class PriorSampler(Inferer):
-    """Inferer: ``network.sample(n, temperature)`` -> (n, 1, R, R, R) on [-1, 1]."""
+    """Inferer: ``network.sample(n, temperature)`` -> (n, C, *R) on [-1, 1]."""
 
     def __call__(self, n: int, network: torch.nn.Module, temperature: float) -> torch.Tensor:
         return network.sample(n, temperature)
@@ -176,9 +187,8 @@ class SampleWriter:
     def _write(self, engine: Engine) -> None:
         out = engine.state.output
         for vol, idx, t in zip(out["pred"].cpu().numpy(), out["index"].tolist(), out["temperature"].tolist()):
-            data = self.low + (vol[0] + 1.0) / 2.0 * (self.high - self.low)
             path = os.path.join(self.output_dir, f"sample_t{t:g}_{idx:05d}.nii.gz")
-            save_nifti(data, self.affine, path)
+            save_nifti(nifti_array(vol, self.low, self.high), self.affine, path)
             self.written.append(path)
             if len(self._shown) < self.montage_size:
                 self._shown.append(vol)

@@ -37,11 +37,16 @@ class LoadVolumed(LoadImaged):
 
 
 class ValidateVolumed(MapTransform):
-    """Checks a loaded, channel-first volume: one channel, three spatial axes, only finite values.
+    """Checks a loaded, channel-first volume: ``channels`` channels (1 by default), three spatial axes, only finite
+    values.
 
     Raises ValueError naming the file and what was expected (a 4-D NIfTI holding one volume arrives here as
-    one channel and passes; several volumes do not).
+    one channel and passes; several volumes do not, unless ``channels`` says so).
     """
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channels = int(channels)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -50,10 +55,11 @@ class ValidateVolumed(MapTransform):
             name = _filename(d, key)
             if img.ndim != 4:
                 raise ValueError(f"{name}: expected a 3-D volume, got an image of shape {tuple(img.shape[1:])}")
-            if img.shape[0] != 1:
+            if img.shape[0] != self.channels:
+                hint = "split it into one file per volume" if self.channels == 1 else f"expected in_channels = {self.channels}"
                 raise ValueError(
-                    f"{name}: expected a single 3-D volume, got {img.shape[0]} volumes/channels (shape "
-                    f"{tuple(img.shape[1:])} x {img.shape[0]}); split it into one file per volume"
+                    f"{name}: expected {self.channels} 3-D volume(s), got {img.shape[0]} volumes/channels (shape "
+                    f"{tuple(img.shape[1:])} x {img.shape[0]}); {hint}"
                 )
             if min(img.shape[1:]) < 2:
                 raise ValueError(f"{name}: expected a 3-D volume, got spatial shape {tuple(img.shape[1:])}")

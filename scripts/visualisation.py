@@ -29,8 +29,16 @@ def three_plane(volume: torch.Tensor | np.ndarray, low: float = -1.0, high: floa
 
 
 def montage(volumes: torch.Tensor | np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
-    """One 3-plane row per volume of a (B, 1, D, H, W) batch: (B*N, 3N) float array in [0, 1]."""
-    return np.concatenate([three_plane(v, low, high) for v in volumes], axis=0)
+    """One row per item of a (B, C, D, H, W) batch (3 planes per channel, see :func:`three_plane`) or of a
+    (B, C, H, W) batch of slices (one image per channel): float array in [0, 1]."""
+    rows = []
+    for item in volumes:
+        v = torch.as_tensor(item).detach().float().cpu().numpy()
+        if v.ndim == 4:
+            rows.append(np.concatenate([three_plane(c, low, high) for c in v], axis=1))
+        else:
+            rows.append(np.concatenate([np.clip((np.rot90(c) - low) / (high - low), 0.0, 1.0) for c in v], axis=1))
+    return np.concatenate(rows, axis=0)
 
 
 def save_png(image: np.ndarray, path: str, upscale: int = 4) -> str:

@@ -398,7 +398,7 @@ def test_overlay_keeps_train_initialize_and_silences_only_logging_on_other_ranks
             assert f"{item[1:]} if dist.get_rank() == 0 else None" in [m[1:] for m in multi_init]
         else:
             assert item in multi_init, item
-    assert multi_init.index("$scripts.config.validate_hyperparameters(@bundle_root)") > [
+    assert multi_init.index("$scripts.config.validate_hyperparameters(@hyperparameters_schema)") > [
         i for i, m in enumerate(multi_init) if "init_process_group" in m
     ][0]
 

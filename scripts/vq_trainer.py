@@ -1,0 +1,226 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""Ignite/MONAI engines of the VQ family, with the VDVAE trainer's conventions (``amp_mode``, ``channels_last``,
+gradient clipping, ``state.output`` with ``loss`` and ``scalars``): stage 1 trains the VQ-VAE on images, stage 2 a
+prior on the frozen token grids."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import IgniteMetricHandler
+from monai.metrics import PSNRMetric, SSIMMetric
+
+from scripts.trainer import autocast
+from scripts.vq import codebook_usage
+
+__all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "metric_higher_is_better"]
+
+
+def _image(batch: dict, device, non_blocking: bool, channels_last: bool) -> torch.Tensor:
+    x = batch["image"].to(device, non_blocking=non_blocking)
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    return x
+
+
+def _step(engine: SupervisedTrainer, loss: torch.Tensor) -> float:
+    """Backward (scaled under float16), clip to ``engine.clip``, step; returns the gradient norm (the update is
+    skipped when it is not finite)."""
+    if engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.scaler.unscale_(engine.optimizer)
+    else:
+        loss.backward()
+    params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, engine.clip))
+    if engine.scaler is not None:
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    elif math.isfinite(grad_norm):
+        engine.optimizer.step()
+    return grad_norm
+
+
+class _AmpTrainer(SupervisedTrainer):
+    """SupervisedTrainer with bfloat16/float16 autocast on CPU or CUDA, channels-last inputs and gradient clipping."""
+
+    def __init__(self, *args: Any, amp_mode: str = "none", gradient_clipping_value: float = 100.0, channels_last: bool = False, **kwargs: Any) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        autocast(self.state.device, amp_mode)  # validates the mode for this device
+        self.amp_mode = amp_mode
+        self.clip = float(gradient_clipping_value)
+        self.channels_last = bool(channels_last)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_mode == "float16" else None
+
+
+class VQVAETrainer(_AmpTrainer):
+    """Stage 1: ``network`` is a :class:`scripts.vq.VQVAETrainingStep` (possibly in DDP). Loss = MSE of the
+    reconstruction + the quantiser's commitment loss; the codebook moves by EMA.
+
+    ``state.output``: ``image``, ``pred`` (reconstruction), ``tokens`` (B, *grid), ``recon_mse`` (B,), ``loss`` and
+    ``scalars`` (loss, reconstruction MSE, commitment loss, batch codebook perplexity, gradient norm, learning rate).
+    """
+
+    def _iteration(self, engine: VQVAETrainer, batchdata: dict) -> dict:
+        x = _image(batchdata, engine.state.device, engine.non_blocking, engine.channels_last)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with autocast(engine.state.device, engine.amp_mode):
+            recon, qloss, tokens = engine.network(x)
+        mse = ((recon.float() - x) ** 2).flatten(1).mean(1)
+        loss = mse.mean() + qloss
+        grad_norm = _step(engine, loss)
+        usage = codebook_usage(torch.bincount(tokens.reshape(-1), minlength=engine.num_embeddings))
+        scalars = {
+            "loss": float(loss.detach()),
+            "recon_mse": float(mse.mean().detach()),
+            "commitment_loss": float(qloss.detach()),
+            "batch_perplexity": usage["perplexity"],
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            "learning_rate": float(engine.optimizer.param_groups[0]["lr"]),
+        }
+        engine.state.output = {"image": x, "pred": recon.detach().float(), "tokens": tokens, "recon_mse": mse.detach(), "loss": scalars["loss"], "scalars": scalars}
+        return engine.state.output
+
+    @property
+    def num_embeddings(self) -> int:
+        net = getattr(self.network, "module", self.network)
+        return net.vqvae.num_embeddings
+
+
+class VQVAEEvaluator(SupervisedEvaluator):
+    """Stage-1 validation: reconstructs through the codebook (eval mode, no EMA step). ``state.output``: ``image``,
+    ``pred``, ``tokens``, ``recon_mse`` (B,). ``network`` is the :class:`scripts.vq.VQVAE`."""
+
+    def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        autocast(self.state.device, amp_mode)
+        self.amp_mode = amp_mode
+        self.channels_last = bool(channels_last)
+
+    def _iteration(self, engine: VQVAEEvaluator, batchdata: dict) -> dict:
+        x = _image(batchdata, engine.state.device, engine.non_blocking, engine.channels_last)
+        engine.network.eval()
+        with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
+            tokens = engine.network.tokens(x)
+            recon = engine.network.decode_tokens(tokens).float()
+        mse = ((recon - x) ** 2).flatten(1).mean(1)
+        engine.state.output = {"image": x, "pred": recon.clamp(-1, 1), "tokens": tokens, "recon_mse": mse}
+        return engine.state.output
+
+
+class CodebookUsage(Metric):
+    """Code use over an epoch from ``output["tokens"]``: ``<prefix>perplexity`` (exp of the entropy of code use; K when
+    all K codes are used equally) and ``<prefix>dead_codes`` (codes never used). Exact under DDP (counts all-reduced)."""
+
+    def __init__(self, num_embeddings: int, prefix: str = "", device: str | torch.device = "cpu") -> None:
+        self.num_embeddings = int(num_embeddings)
+        self.prefix = prefix
+        super().__init__(output_transform=lambda out: out["tokens"], device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self.counts = torch.zeros(self.num_embeddings, dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, tokens: torch.Tensor) -> None:
+        self.counts += torch.bincount(tokens.reshape(-1).to(self._device), minlength=self.num_embeddings).double()
+
+    @sync_all_reduce("counts")
+    def compute(self) -> dict:
+        usage = codebook_usage(self.counts)
+        return {f"{self.prefix}perplexity": usage["perplexity"], f"{self.prefix}dead_codes": float(usage["dead_codes"])}
+
+
+def reconstruction_metrics(spatial_dims: int, num_embeddings: int, prefix: str = "val_") -> dict:
+    """Validation metrics of stage 1: PSNR and SSIM (MONAI metrics, 2-D or 3-D, data range 2 for the [-1, 1] scale)
+    and codebook usage. (The key metric, ``val_psnr``, is separate.)"""
+    return {
+        f"{prefix}ssim": IgniteMetricHandler(
+            metric_fn=SSIMMetric(spatial_dims=spatial_dims, data_range=2.0, win_size=7), output_transform=lambda out: (out["pred"], out["image"])
+        ),
+        f"{prefix}codebook": CodebookUsage(num_embeddings, prefix=prefix),
+    }
+
+
+def psnr_metric() -> IgniteMetricHandler:
+    """PSNR (dB) of the reconstructions on the [-1, 1] scale (data range 2), MONAI's PSNRMetric."""
+    return IgniteMetricHandler(metric_fn=PSNRMetric(max_val=2.0), output_transform=lambda out: (out["pred"], out["image"]))
+
+
+def metric_higher_is_better(current: float, previous: float) -> bool:
+    return current > previous
+
+
+class PriorTrainer(_AmpTrainer):
+    """Stage 2: ``network`` is a prior (:class:`scripts.vq.AutoregressivePrior` or :class:`scripts.vq.AbsorbingDiffusionPrior`,
+    possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) to its loss terms.
+
+    ``state.output``: ``bits_per_token`` (B,; exact NLL or the ELBO estimate), ``loss`` and ``scalars``.
+    """
+
+    def _iteration(self, engine: PriorTrainer, batchdata: dict) -> dict:
+        tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking).long()
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with autocast(engine.state.device, engine.amp_mode):
+            terms = engine.network(tokens)
+        grad_norm = _step(engine, terms["loss"])
+        scalars = {
+            "loss": float(terms["loss"].detach()),
+            "bits_per_token": float(terms["bits_per_token"].mean()),
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            "learning_rate": float(engine.optimizer.param_groups[0]["lr"]),
+        }
+        if "reweighted_bits_per_token" in terms:
+            scalars["reweighted_elbo_bits_per_token"] = float(terms["reweighted_bits_per_token"].mean())
+        engine.state.output = {"bits_per_token": terms["bits_per_token"], "loss": scalars["loss"], "scalars": scalars}
+        return engine.state.output
+
+
+class PriorEvaluator(SupervisedEvaluator):
+    """Stage-2 validation: held-out bits per token (B,) of ``network`` (a prior): exact for the autoregressive prior,
+    the mean of ``num_estimates`` ELBO draws for the absorbing prior (seeded by ``seed`` at every run, so epochs
+    compare on the same draws)."""
+
+    def __init__(self, *args: Any, amp_mode: str = "none", num_estimates: int = 4, seed: int = 0, **kwargs: Any) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        autocast(self.state.device, amp_mode)
+        self.amp_mode = amp_mode
+        self.num_estimates = int(num_estimates)
+        self.seed = int(seed)
+        self._rng_state: torch.Tensor | None = None
+        from ignite.engine import Events
+
+        self.add_event_handler(Events.EPOCH_STARTED, self._seed)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._restore)
+
+    def _seed(self, engine: PriorEvaluator) -> None:
+        self._rng_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def _restore(self, engine: PriorEvaluator) -> None:
+        if self._rng_state is not None:
+            torch.random.set_rng_state(self._rng_state)
+
+    def _iteration(self, engine: PriorEvaluator, batchdata: dict) -> dict:
+        tokens = batchdata["tokens"].to(engine.state.device, non_blocking=engine.non_blocking).long()
+        prior = getattr(engine.network, "module", engine.network)
+        prior.eval()
+        with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
+            bits = prior.nll_bits_per_token(tokens, engine.num_estimates).float()
+        engine.state.output = {"bits_per_token": bits}
+        return engine.state.output
+
