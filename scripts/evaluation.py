@@ -516,8 +516,23 @@ def _median_distance(z: torch.Tensor, max_items: int = 1000) -> float:
     return med if med > 0 else 1.0
 
 
-def _frechet(gen: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(FIDMetric()(gen.double(), ref.double()))
+def _frechet(gen: torch.Tensor, ref: torch.Tensor, ridge: float = 1e-6) -> float:
+    """Frechet distance between two feature sets (MONAI FIDMetric). With fewer volumes than features the covariance
+    product is near-singular and MONAI's matrix square root can keep an imaginary part above its 1e-3 limit; then
+    both covariances get a ``ridge`` on the diagonal (the remedy of pytorch-fid) and scipy's sqrtm is used."""
+    try:
+        return float(FIDMetric()(gen.double(), ref.double()))
+    except ValueError as e:
+        if "Imaginary component" not in str(e):
+            raise
+    from scipy import linalg
+
+    g, r = gen.double().numpy(), ref.double().numpy()
+    offset = ridge * np.eye(g.shape[1])
+    cov_g, cov_r = np.cov(g, rowvar=False) + offset, np.cov(r, rowvar=False) + offset
+    covmean = linalg.sqrtm(cov_g @ cov_r).real
+    diff = g.mean(0) - r.mean(0)
+    return float(diff @ diff + np.trace(cov_g) + np.trace(cov_r) - 2 * np.trace(covmean))
 
 
 def _mmd(gen: torch.Tensor, ref: torch.Tensor, rff: RandomFourierFeatures) -> float:

@@ -42,6 +42,7 @@ __all__ = [
     "write_token_grids",
     "load_token_grids",
     "select_prior",
+    "require_prior",
     "complete_volumes",
 ]
 
@@ -466,10 +467,14 @@ class VQGenerator(nn.Module):
 
 
 @torch.no_grad()
-def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.device | str, vqvae_path: str | None = None) -> str:
-    """Encodes every volume of each loader in ``loaders`` ({"train": ..., "val": ...}, deterministic preprocessing)
-    with the frozen ``vqvae`` and saves {split: {"tokens": (N, *grid) int16, "files": [...]}, "vqvae": vqvae_path,
-    "codebook_usage": {...}} to ``path`` (atomically) for stage 2. Logs progress."""
+def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.device | str, vqvae_path: str) -> str:
+    """Loads the stage-1 weights ``vqvae_path`` into ``vqvae``, encodes every volume of each loader in ``loaders``
+    ({"train": ..., "val": ...}, deterministic preprocessing) and saves {split: {"tokens": (N, *grid) int16,
+    "files": [...], "codebook_usage": {...}}, "vqvae": vqvae_path, ...} to ``path`` (atomically) for stage 2.
+    Logs progress."""
+    from scripts.sampling import load_weights
+
+    vqvae = load_weights(vqvae, vqvae_path, device)
     vqvae = vqvae.to(device).eval()
     out: dict = {"vqvae": vqvae_path, "token_grid": list(vqvae.token_grid), "num_embeddings": vqvae.num_embeddings}
     for split, loader in loaders.items():
@@ -509,6 +514,16 @@ def load_token_grids(path: str, split: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- inference
+
+
+def require_prior(network: nn.Module) -> nn.Module:
+    """``network`` when it is a prior; else a ValueError saying that stage 2 needs a prior overlay."""
+    if not isinstance(network, (AutoregressivePrior, AbsorbingDiffusionPrior)):
+        raise ValueError(
+            "configs/vq_prior.json trains a prior over the stage-1 tokens: put a prior overlay after it, "
+            "configs/vq_prior_autoregressive.json or configs/vq_prior_absorbing.json"
+        )
+    return network
 
 
 def select_prior(priors: dict, name: str) -> nn.Module:

@@ -29,6 +29,7 @@ from scripts.vq import (
 from tests.test_bundle import run_bundle
 
 STAGE1 = "configs/vqvae_train.json"
+PRIOR = "configs/vq_prior.json"
 ABSORBING = "configs/vq_prior_absorbing.json"
 AUTOREGRESSIVE = "configs/vq_prior_autoregressive.json"
 
@@ -230,7 +231,7 @@ def vq_runs(tmp_path_factory, nifti_dir) -> dict:
     runs = {"root": str(root), "stage1": s1}
     for name, config in (("absorbing", ABSORBING), ("autoregressive", AUTOREGRESSIVE)):
         s2 = stage2_overrides(s1, str(root / name))
-        run_bundle(s2, json.dumps([STAGE1, config]))
+        run_bundle(s2, json.dumps([STAGE1, PRIOR, config]))
         runs[name] = s2
     return runs
 
@@ -268,7 +269,7 @@ def test_stage2_writes_a_prior_that_loads(vq_runs, name):
     prior = cls((4, 4, 4), 16, dim=16, depth=1, heads=2, **kwargs)
     prior.load_state_dict(torch.load(s2["model_path"], weights_only=True))
     full = torch.load(latest_checkpoint(os.path.join(s2["output_dir"], "checkpoints")), weights_only=True)
-    assert full["trainer"]["iteration"] == 2  # 9 token grids, batch 16: one step per epoch
+    assert full["trainer"]["iteration"] == 6  # 9 token grids, batch 4: 3 steps per epoch, 2 epochs
     assert math.isfinite(full["best_model"]["best"]) and full["best_model"]["best"] > 0  # held-out bits per token
 
 
@@ -317,7 +318,7 @@ def test_evaluate_reports_both_families_side_by_side_figures(vq_runs, tmp_path):
 
 def test_stage2_without_tokens_names_the_missing_file(nifti_dir, tmp_path):
     s1 = stage1_overrides(nifti_dir, str(tmp_path / "nothing"))
-    proc = run_bundle(stage2_overrides(s1, str(tmp_path / "prior")), json.dumps([STAGE1, ABSORBING]), check=False)
+    proc = run_bundle(stage2_overrides(s1, str(tmp_path / "prior")), json.dumps([STAGE1, PRIOR, ABSORBING]), check=False)
     assert proc.returncode != 0
     assert f"token file {tmp_path / 'nothing' / 'tokens.pt'} does not exist: train stage 1 first" in proc.stderr
 
@@ -340,7 +341,7 @@ def test_2d_slices_of_paired_volumes_train_and_sample(nifti_dir, tmp_path):
     tokens = torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)
     assert tokens["train"]["tokens"].shape == (6, 4, 4)
     s2 = stage2_overrides(s1, str(tmp_path / "prior"), max_epochs=1)
-    run_bundle(s2, json.dumps([STAGE1, ABSORBING]))
+    run_bundle(s2, json.dumps([STAGE1, PRIOR, ABSORBING]))
     out = str(tmp_path / "samples")
     run_bundle({"spatial_dims": 2, "in_channels": 2, "resolution": 16, "vq_channels": [8, 8], "num_embeddings": 16, "embedding_dim": 4,
                 "prior_dim": 16, "prior_depth": 1, "prior_heads": 2, "num_timesteps": 8, "vqvae_path": s1["vqvae_path"],
@@ -353,8 +354,8 @@ def test_2d_slices_of_paired_volumes_train_and_sample(nifti_dir, tmp_path):
 
 
 def test_bad_resolution_and_unknown_option_are_named(nifti_dir, tmp_path):
-    proc = run_bundle(stage1_overrides(nifti_dir, str(tmp_path / "a"), resolution=20), STAGE1, check=False)
-    assert proc.returncode != 0 and "resolution 20 must be divisible by 2 ** len(channels) = 4" in proc.stderr
+    proc = run_bundle(stage1_overrides(nifti_dir, str(tmp_path / "a"), resolution=18), STAGE1, check=False)
+    assert proc.returncode != 0 and "resolution 18 must be divisible by 2 ** len(channels) = 4" in proc.stderr
     proc = run_bundle(stage1_overrides(nifti_dir, str(tmp_path / "b"), num_embedings=8), STAGE1, check=False)
     assert proc.returncode != 0 and "unknown option 'num_embedings' (did you mean 'num_embeddings'?)" in proc.stderr
 
@@ -370,7 +371,7 @@ def test_both_stages_train_under_torchrun(nifti_dir, tmp_path):
     tiny_vqvae().load_state_dict(torch.load(s1["vqvae_path"], weights_only=True))
     assert torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)["train"]["tokens"].shape[0] == 9
     s2 = stage2_overrides(s1, str(tmp_path / "prior"), batch_size=2, max_epochs=1)
-    torchrun([STANDALONE], s2, [STAGE1, ABSORBING, MULTI])
+    torchrun([STANDALONE], s2, [STAGE1, PRIOR, ABSORBING, MULTI])
     state = torch.load(latest_checkpoint(os.path.join(s2["output_dir"], "checkpoints")), weights_only=True)
     assert state["trainer"]["iteration"] == 3
     AbsorbingDiffusionPrior((4, 4, 4), 16, 8, 16, 1, 2).load_state_dict(torch.load(s2["model_path"], weights_only=True))
