@@ -4,8 +4,8 @@
     python -m scripts.compare_reports --reports "{'VDVAE': 'eval/vdvae/report.json', 'VQ-VAE + absorbing': 'eval/vq_absorbing/report.json'}" \\
         --temperatures "{'VDVAE': 0.8}" --output docs/comparison.md
 
-Each row is one report at one sampling temperature (``temperatures`` picks it per model; default: the report's
-first). Every figure is read from the reports; nothing is computed here but the formatting.
+Each row is one report at one sampling temperature (every temperature of the report, or those ``temperatures``
+names per model). Every figure is read from the reports; nothing is computed here but the formatting.
 """
 
 from __future__ import annotations
@@ -38,31 +38,38 @@ def _likelihood(report: dict) -> str:
     return f"{like['bits_per_token']['mean']:.3f} bits/token ({kind}, {like['tokens_per_volume']} tokens)"
 
 
-def comparison_rows(reports: dict[str, dict], temperatures: dict[str, float] | None = None) -> list[list[str]]:
-    """One row of formatted figures per (name, report)."""
+def comparison_rows(reports: dict[str, dict], temperatures: dict | None = None) -> list[list[str]]:
+    """Rows of formatted figures: per (name, report), one per sampling temperature of the report, or of
+    ``temperatures[name]`` (a number or a list) when given."""
     rows = []
     for name, report in reports.items():
         samples = report["samples"]
         wanted = (temperatures or {}).get(name)
-        key = f"{float(wanted):g}" if wanted is not None else next(iter(samples))
-        if key not in samples:
-            raise KeyError(f"the report of {name!r} has no samples at temperature {key} (has {sorted(samples)})")
-        s, real, rec = samples[key], report["real"], report["reconstruction"]
-        div = s["diversity_mean_pairwise_ms_ssim"]
-        rows.append(
-            [
-                f"{name} (T={key})",
-                _likelihood(report),
-                f"{rec['psnr_db']:.1f}",
-                f"{rec['ssim']:.3f}",
-                f"{div:.3f} ({real['diversity_mean_pairwise_ms_ssim']:.3f})" if div is not None else "n/a",
-                f"{s['frechet_distance_to_train']:.0f} ({real['frechet_distance_to_train']:.0f})",
-                f"{s['mmd_to_train']:.3f} ({real['mmd_to_train']:.3f})",
-                f"{s['nearest_train_rmse']['median']:.3f} ({real['nearest_train_rmse']['median']:.3f})",
-                f"{s['seconds_per_sample']:.3f}",
-            ]
-        )
+        if wanted is None:
+            keys = list(samples)
+        else:
+            keys = [f"{float(t):g}" for t in (wanted if isinstance(wanted, (list, tuple)) else [wanted])]
+        for key in keys:
+            if key not in samples:
+                raise KeyError(f"the report of {name!r} has no samples at temperature {key} (has {sorted(samples)})")
+            rows.append(_row(name, key, report))
     return rows
+
+
+def _row(name: str, key: str, report: dict) -> list[str]:
+    s, real, rec = report["samples"][key], report["real"], report["reconstruction"]
+    div = s["diversity_mean_pairwise_ms_ssim"]
+    return [
+        f"{name} (T={key})",
+        _likelihood(report),
+        f"{rec['psnr_db']:.1f}",
+        f"{rec['ssim']:.3f}",
+        f"{div:.3f} ({real['diversity_mean_pairwise_ms_ssim']:.3f})" if div is not None else "n/a",
+        f"{s['frechet_distance_to_train']:.0f} ({real['frechet_distance_to_train']:.0f})",
+        f"{s['mmd_to_train']:.3f} ({real['mmd_to_train']:.3f})",
+        f"{s['nearest_train_rmse']['median']:.3f} ({real['nearest_train_rmse']['median']:.3f})",
+        f"{s['seconds_per_sample']:.3f}",
+    ]
 
 
 def markdown_table(rows: list[list[str]]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-import os
 
 import jsonschema
 from monai.bundle import ConfigParser

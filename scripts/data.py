@@ -53,12 +53,9 @@ def check_nifti_header(path: str, channels: int = 1) -> tuple[int, ...]:
     shape = tuple(int(s) for s in img.shape)
     spatial = shape[:3]
     extra = [s for s in shape[3:] if s != 1]
-    if channels == 1 and (len(spatial) < 3 or min(spatial) < 2 or extra):
-        raise ValueError(
-            f"{path}: expected a 3-D volume (a 4-D file may hold one volume), got shape {shape}"
-        )
-    if channels > 1 and (len(spatial) < 3 or min(spatial) < 2 or extra != [channels]):
-        raise ValueError(f"{path}: expected a 4-D file of {channels} 3-D volumes (in_channels = {channels}), got shape {shape}")
+    if len(spatial) < 3 or min(spatial) < 2 or extra != ([] if channels == 1 else [channels]):
+        what = "a 3-D volume (a 4-D file may hold one volume)" if channels == 1 else f"a 4-D file of {channels} 3-D volumes (in_channels = {channels})"
+        raise ValueError(f"{path}: expected {what}, got shape {shape}")
     return spatial
 
 

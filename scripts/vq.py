@@ -182,7 +182,7 @@ class VQVAE(MonaiVQVAE):
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, *grid) long -> (B, C, *R) decoded volumes."""
-        return self.decode(self.codebook.embed(tokens).to(self.codebook.embedding.weight.dtype))
+        return self.decode(self.codebook.embed(tokens))
 
     def decode_samples(self, embedding_indices: torch.Tensor) -> torch.Tensor:  # used by VQVAETransformerInferer
         return self.decode_tokens(embedding_indices)

@@ -98,7 +98,8 @@ class VQVAETrainer(_AmpTrainer):
 
 class VQVAEEvaluator(SupervisedEvaluator):
     """Stage-1 validation: reconstructs through the codebook (eval mode, no EMA step). ``state.output``: ``image``,
-    ``pred``, ``tokens``, ``recon_mse`` (B,). ``network`` is the :class:`scripts.vq.VQVAE`."""
+    ``pred`` and ``recon`` (the reconstruction, for the metrics and for TensorBoard), ``tokens``, ``recon_mse`` (B,).
+    ``network`` is the :class:`scripts.vq.VQVAE`."""
 
     def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
         kwargs["amp"] = False
@@ -115,7 +116,8 @@ class VQVAEEvaluator(SupervisedEvaluator):
             tokens = engine.network.tokens(x)
             recon = engine.network.decode_tokens(tokens).float()
         mse = ((recon - x) ** 2).flatten(1).mean(1)
-        engine.state.output = {"image": x, "pred": recon.clamp(-1, 1), "tokens": tokens, "recon_mse": mse}
+        recon = recon.clamp(-1, 1)
+        engine.state.output = {"image": x, "pred": recon, "recon": recon, "tokens": tokens, "recon_mse": mse}
         return engine.state.output
 
 

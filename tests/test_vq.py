@@ -375,3 +375,36 @@ def test_both_stages_train_under_torchrun(nifti_dir, tmp_path):
     state = torch.load(latest_checkpoint(os.path.join(s2["output_dir"], "checkpoints")), weights_only=True)
     assert state["trainer"]["iteration"] == 3
     AbsorbingDiffusionPrior((4, 4, 4), 16, 8, 16, 1, 2).load_state_dict(torch.load(s2["model_path"], weights_only=True))
+
+
+def test_compare_reports_formats_both_families_from_the_reports(tmp_path):
+    from scripts.compare_reports import comparison_rows, main
+
+    def report(likelihood: dict) -> dict:
+        stats = {"median": 0.2}
+        return {
+            "likelihood": likelihood,
+            "reconstruction": {"psnr_db": 22.61, "ssim": 0.7612},
+            "real": {"diversity_mean_pairwise_ms_ssim": 0.833, "frechet_distance_to_train": 173.2, "mmd_to_train": 0.0123, "nearest_train_rmse": {"median": 0.145}},
+            "samples": {
+                "0.3": {"diversity_mean_pairwise_ms_ssim": 0.878, "frechet_distance_to_train": 6062.4, "mmd_to_train": 0.5, "nearest_train_rmse": stats, "seconds_per_sample": 0.1},
+                "0.8": {"diversity_mean_pairwise_ms_ssim": 0.496, "frechet_distance_to_train": 5360.0, "mmd_to_train": 0.4, "nearest_train_rmse": stats, "seconds_per_sample": 0.12},
+            },
+        }
+
+    vdvae = report({"neg_elbo_nats_per_voxel": {"mean": -1.4461}, "neg_elbo_bits_per_voxel": {"mean": 4.68}})
+    vq = report({"bits_per_token": {"mean": 1.2345}, "tokens_per_volume": 512, "kind": "ELBO of the tokens (upper bound on the NLL), mean of 4 draws"})
+    rows = comparison_rows({"VDVAE": vdvae, "VQ": vq}, {"VDVAE": 0.8})
+    assert rows[0][:5] == ["VDVAE (T=0.8)", "-1.446 nats/voxel (neg. ELBO)", "22.6", "0.761", "0.496 (0.833)"]
+    assert rows[0][5:] == ["5360 (173)", "0.400 (0.012)", "0.200 (0.145)", "0.120"]
+    assert [r[0] for r in rows[1:]] == ["VQ (T=0.3)", "VQ (T=0.8)"]  # every temperature by default
+    assert rows[1][1] == "1.234 bits/token (ELBO, 512 tokens)"
+    with pytest.raises(KeyError, match="no samples at temperature 1"):
+        comparison_rows({"VQ": vq}, {"VQ": 1.0})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(vq))
+    out = tmp_path / "table.md"
+    main({"VQ": str(path)}, output=str(out))
+    assert out.read_text().splitlines()[2].startswith("| VQ (T=0.3) | 1.234 bits/token")
+    with pytest.raises(FileNotFoundError, match="run evaluate.json first"):
+        main({"missing": str(tmp_path / "nope.json")})
