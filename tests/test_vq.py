@@ -257,6 +257,10 @@ def test_stage1_writes_weights_tokens_and_a_resumable_checkpoint(vq_runs):
     full = torch.load(ckpt, weights_only=True)
     assert {"trainer", "network", "optimizer", "data", "best_model"} <= set(full) and full["trainer"]["iteration"] == 6
     assert "code_age" in full["network"]
+    os.remove(os.path.join(s1["vqvae_dir"], "tokens.pt"))
+    run_bundle({**s1, "run_id": "tokenize"}, STAGE1)  # rewrites the tokens from models/vqvae.pt alone
+    again = torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)
+    assert torch.equal(again["train"]["tokens"], tokens["train"]["tokens"])
     run_bundle({**s1, "max_epochs": 3}, STAGE1)  # resumes: one more epoch
     assert torch.load(latest_checkpoint(os.path.join(s1["vqvae_dir"], "checkpoints")), weights_only=True)["trainer"]["iteration"] == 9
 
