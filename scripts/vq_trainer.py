@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -18,7 +19,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from scripts.trainer import autocast
 from scripts.vq import codebook_usage
 
-__all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "metric_higher_is_better"]
+__all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "psnr_metric"]
 
 
 def _image(batch: dict, device, non_blocking: bool, channels_last: bool) -> torch.Tensor:
@@ -160,10 +161,6 @@ def psnr_metric() -> IgniteMetricHandler:
     return IgniteMetricHandler(metric_fn=PSNRMetric(max_val=2.0), output_transform=lambda out: (out["pred"], out["image"]))
 
 
-def metric_higher_is_better(current: float, previous: float) -> bool:
-    return current > previous
-
-
 class PriorTrainer(_AmpTrainer):
     """Stage 2: ``network`` is a prior (:class:`scripts.vq.AutoregressivePrior` or :class:`scripts.vq.AbsorbingDiffusionPrior`,
     possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) to its loss terms.
@@ -204,8 +201,6 @@ class PriorEvaluator(SupervisedEvaluator):
         self.num_estimates = int(num_estimates)
         self.seed = int(seed)
         self._rng_state: torch.Tensor | None = None
-        from ignite.engine import Events
-
         self.add_event_handler(Events.EPOCH_STARTED, self._seed)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._restore)
 

@@ -314,7 +314,7 @@ def test_evaluate_reports_both_families_side_by_side_figures(vq_runs, tmp_path):
     like = report["likelihood"]
     assert like["tokens_per_volume"] == 64 and 0 < like["bits_per_token"]["mean"] < 8.0  # < log2(16) + slack
     assert like["kind"] == "exact NLL of the tokens"
-    assert 0 < report["reconstruction"]["ssim"] <= 1 and math.isfinite(report["reconstruction"]["psnr_db"])
+    assert -1 <= report["reconstruction"]["ssim"] <= 1 and math.isfinite(report["reconstruction"]["psnr_db"])  # 2 epochs: SSIM near 0
     sample = report["samples"]["0.9"]
     assert sample["seconds_per_sample"] > 0 and sample["num_samples"] == 4 and math.isfinite(sample["frechet_distance_to_train"])
     assert os.path.isfile(os.path.join(out, "report.png"))
