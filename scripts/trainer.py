@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scripts.losses import negative_elbo_terms
 
-__all__ = ["return_large_blocks_to_os", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
+__all__ = ["return_large_blocks_to_os", "backward_and_clip", "AmpEvaluator", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
@@ -51,6 +51,31 @@ def return_large_blocks_to_os(enabled: bool, threshold_bytes: int = 4 << 20) -> 
         return False
     m_mmap_threshold = -3  # from malloc.h
     return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+
+
+def backward_and_clip(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float) -> float:
+    """Backward pass of ``loss`` (scaled and then unscaled when ``scaler`` is given, i.e. under float16), then
+    clipping of the gradient norm of ``optimizer``'s parameters to ``clip``; returns the norm before clipping."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, clip))
+
+
+class AmpEvaluator(SupervisedEvaluator):
+    """SupervisedEvaluator with ``amp_mode`` autocast on CPU or CUDA (``autocast``) and optional channels-last
+    inputs; its subclasses write ``_iteration``. (SupervisedEvaluator's own ``amp`` autocasts on CUDA only.)"""
+
+    def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
+        kwargs["amp"] = False
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        autocast(self.state.device, amp_mode)  # validates the mode for this device
+        self.amp_mode = amp_mode
+        self.channels_last = bool(channels_last)
 
 
 def make_ema(network: nn.Module, decay: float) -> AveragedModel | None:
@@ -223,13 +248,7 @@ class VDVAETrainer(SupervisedTrainer):
         terms = engine.loss_function(x, mean, scale, kl, step=engine.state.iteration)
         loss = terms["loss"]
         terms = {k: v.detach() for k, v in terms.items()}
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.unscale_(engine.optimizer)
-        else:
-            loss.backward()
-        params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, engine.clip))
+        grad_norm = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip)
         skip_local = engine.skipper.should_skip(grad_norm)
         skip = _all_ranks_agree(skip_local, torch.device(engine.state.device))
         nonfinite = not math.isfinite(grad_norm)
@@ -276,18 +295,10 @@ def _unwrap_vae(module: nn.Module) -> nn.Module:
     return getattr(module, "vae", module)
 
 
-class VDVAEEvaluator(SupervisedEvaluator):
+class VDVAEEvaluator(AmpEvaluator):
     """Evaluator whose output holds per-volume ELBO figures (see :func:`scripts.losses.negative_elbo_terms`):
     ``neg_elbo_nats``, ``neg_elbo_bits``, ``kl_per_group`` (B, G), plus ``image`` and ``recon`` (posterior
     means). ``network`` is the VDVAE (or its EMA: an AveragedModel, whose ``module`` is used)."""
-
-    def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
-        kwargs["amp"] = False
-        kwargs.setdefault("decollate", False)
-        super().__init__(*args, **kwargs)
-        autocast(self.state.device, amp_mode)
-        self.amp_mode = amp_mode
-        self.channels_last = bool(channels_last)
 
     def _iteration(self, engine: VDVAEEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)

@@ -12,11 +12,11 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedTrainer
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from scripts.trainer import autocast
+from scripts.trainer import AmpEvaluator, autocast, backward_and_clip
 from scripts.vq import codebook_usage
 
 __all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "psnr_metric"]
@@ -33,13 +33,7 @@ def _image(batch: dict, device, non_blocking: bool, channels_last: bool) -> torc
 def _step(engine: SupervisedTrainer, loss: torch.Tensor) -> float:
     """Backward (scaled under float16), clip to ``engine.clip``, step; returns the gradient norm (the update is
     skipped when it is not finite)."""
-    if engine.scaler is not None:
-        engine.scaler.scale(loss).backward()
-        engine.scaler.unscale_(engine.optimizer)
-    else:
-        loss.backward()
-    params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, engine.clip))
+    grad_norm = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip)
     if engine.scaler is not None:
         engine.scaler.step(engine.optimizer)
         engine.scaler.update()
@@ -97,18 +91,10 @@ class VQVAETrainer(_AmpTrainer):
         return net.vqvae.num_embeddings
 
 
-class VQVAEEvaluator(SupervisedEvaluator):
+class VQVAEEvaluator(AmpEvaluator):
     """Stage-1 validation: reconstructs through the codebook (eval mode, no EMA step). ``state.output``: ``image``,
     ``pred`` and ``recon`` (the reconstruction, for the metrics and for TensorBoard), ``tokens``, ``recon_mse`` (B,).
     ``network`` is the :class:`scripts.vq.VQVAE`."""
-
-    def __init__(self, *args: Any, amp_mode: str = "none", channels_last: bool = False, **kwargs: Any) -> None:
-        kwargs["amp"] = False
-        kwargs.setdefault("decollate", False)
-        super().__init__(*args, **kwargs)
-        autocast(self.state.device, amp_mode)
-        self.amp_mode = amp_mode
-        self.channels_last = bool(channels_last)
 
     def _iteration(self, engine: VQVAEEvaluator, batchdata: dict) -> dict:
         x = _image(batchdata, engine.state.device, engine.non_blocking, engine.channels_last)
@@ -187,17 +173,13 @@ class PriorTrainer(_AmpTrainer):
         return engine.state.output
 
 
-class PriorEvaluator(SupervisedEvaluator):
+class PriorEvaluator(AmpEvaluator):
     """Stage-2 validation: held-out bits per token (B,) of ``network`` (a prior): exact for the autoregressive prior,
     the mean of ``num_estimates`` ELBO draws for the absorbing prior (seeded by ``seed`` at every run, so epochs
     compare on the same draws)."""
 
-    def __init__(self, *args: Any, amp_mode: str = "none", num_estimates: int = 4, seed: int = 0, **kwargs: Any) -> None:
-        kwargs["amp"] = False
-        kwargs.setdefault("decollate", False)
+    def __init__(self, *args: Any, num_estimates: int = 4, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        autocast(self.state.device, amp_mode)
-        self.amp_mode = amp_mode
         self.num_estimates = int(num_estimates)
         self.seed = int(seed)
         self._rng_state: torch.Tensor | None = None
