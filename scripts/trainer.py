@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scripts.losses import negative_elbo_terms
 
-__all__ = ["return_large_blocks_to_os", "backward_and_clip", "AmpEvaluator", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
+__all__ = ["return_large_blocks_to_os", "backward_and_clip", "AmpTrainer", "AmpEvaluator", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
@@ -172,52 +172,22 @@ class GradientSkipper:
         self.nonfinite_total = int(state["nonfinite_total"])
 
 
-class VDVAETrainer(SupervisedTrainer):
-    """SupervisedTrainer for the VDVAE ELBO.
-
-    ``network`` is a module whose forward returns (mean, scale, kl_per_group), i.e. a
-    :class:`scripts.networks.VDVAETrainingStep`, possibly wrapped in DistributedDataParallel; ``loss_function``
-    is a :class:`scripts.losses.ELBOLoss`. Each iteration: forward under ``amp`` autocast, backward, clip the
-    gradient norm to ``gradient_clipping_value``, skip the update when :class:`GradientSkipper` says so (the
-    decision is all-reduced, so under DDP every rank skips together), step, update the EMA.
-
-    ``engine.state.output`` holds ``image``, ``recon`` (posterior-sample output mean), ``loss`` (float) and
-    ``scalars`` (a dict of floats for TensorBoard: loss, ELBO terms, KL per group, gradient norm, skipped
-    updates, learning rate).
-
-    Args (beyond SupervisedTrainer's, whose ``amp`` is not used: it autocasts on CUDA only):
-        amp_mode: "none", "bfloat16" (CPU or CUDA) or "float16" (CUDA, with a GradScaler).
-        gradient_clipping_value: max gradient norm (reference: 100).
-        skipper: a :class:`GradientSkipper`.
-        ema: an AveragedModel of the VAE (from :func:`make_ema`), or None.
-        channels_last: run in channels-last-3d memory format (faster convolutions on CPU and GPU).
-        group_names: names of the latent groups for the KL scalars.
-    """
+class AmpTrainer(SupervisedTrainer):
+    """SupervisedTrainer with ``amp_mode`` autocast on CPU or CUDA (``autocast``; a GradScaler under float16),
+    gradient clipping to ``gradient_clipping_value``, optional channels-last inputs, and a resume check of the
+    epoch length; its subclasses write ``_iteration``. (SupervisedTrainer's own ``amp`` autocasts on CUDA only.)"""
 
     def __init__(
-        self,
-        *args: Any,
-        amp_mode: str = "none",
-        gradient_clipping_value: float = 100.0,
-        skipper: GradientSkipper | None = None,
-        ema: AveragedModel | None = None,
-        channels_last: bool = False,
-        group_names: Sequence[str] | None = None,
-        **kwargs: Any,
+        self, *args: Any, amp_mode: str = "none", gradient_clipping_value: float = 100.0, channels_last: bool = False, **kwargs: Any
     ) -> None:
         kwargs["amp"] = False
         kwargs.setdefault("decollate", False)
         super().__init__(*args, **kwargs)
-        device = torch.device(self.state.device)
-        autocast(device, amp_mode)  # validates the mode for this device
+        autocast(self.state.device, amp_mode)  # validates the mode for this device
         self.amp_mode = amp_mode
         self.clip = float(gradient_clipping_value)
-        self.skipper = skipper if skipper is not None else GradientSkipper()
-        self.ema = ema
         self.channels_last = bool(channels_last)
-        self.group_names = list(group_names) if group_names is not None else None
         self.scaler = torch.amp.GradScaler("cuda") if amp_mode == "float16" else None
-        self.state.skipped_updates = 0  # logged per epoch
 
     def load_state_dict(self, state_dict) -> None:
         """Ignite's trainer state (iteration, epoch length, max epochs), refused when the checkpoint's epoch length
@@ -233,6 +203,41 @@ class VDVAETrainer(SupervisedTrainer):
                 "output_dir (or --resume False)"
             )
         super().load_state_dict(state_dict)
+
+
+class VDVAETrainer(AmpTrainer):
+    """SupervisedTrainer for the VDVAE ELBO.
+
+    ``network`` is a module whose forward returns (mean, scale, kl_per_group), i.e. a
+    :class:`scripts.networks.VDVAETrainingStep`, possibly wrapped in DistributedDataParallel; ``loss_function``
+    is a :class:`scripts.losses.ELBOLoss`. Each iteration: forward under ``amp`` autocast, backward, clip the
+    gradient norm to ``gradient_clipping_value``, skip the update when :class:`GradientSkipper` says so (the
+    decision is all-reduced, so under DDP every rank skips together), step, update the EMA.
+
+    ``engine.state.output`` holds ``image``, ``recon`` (posterior-sample output mean), ``loss`` (float) and
+    ``scalars`` (a dict of floats for TensorBoard: loss, ELBO terms, KL per group, gradient norm, skipped
+    updates, learning rate).
+
+    Args (beyond :class:`AmpTrainer`'s ``amp_mode`` ("none", "bfloat16" on CPU or CUDA, "float16" on CUDA),
+    ``gradient_clipping_value`` (reference: 100) and ``channels_last``):
+        skipper: a :class:`GradientSkipper`.
+        ema: an AveragedModel of the VAE (from :func:`make_ema`), or None.
+        group_names: names of the latent groups for the KL scalars.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        skipper: GradientSkipper | None = None,
+        ema: AveragedModel | None = None,
+        group_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipper = skipper if skipper is not None else GradientSkipper()
+        self.ema = ema
+        self.group_names = list(group_names) if group_names is not None else None
+        self.state.skipped_updates = 0  # logged per epoch
 
     def _iteration(self, engine: VDVAETrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:

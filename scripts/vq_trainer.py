@@ -16,7 +16,7 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from scripts.trainer import AmpEvaluator, autocast, backward_and_clip
+from scripts.trainer import AmpEvaluator, AmpTrainer, autocast, backward_and_clip
 from scripts.vq import codebook_usage
 
 __all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "psnr_metric"]
@@ -42,21 +42,7 @@ def _step(engine: SupervisedTrainer, loss: torch.Tensor) -> float:
     return grad_norm
 
 
-class _AmpTrainer(SupervisedTrainer):
-    """SupervisedTrainer with bfloat16/float16 autocast on CPU or CUDA, channels-last inputs and gradient clipping."""
-
-    def __init__(self, *args: Any, amp_mode: str = "none", gradient_clipping_value: float = 100.0, channels_last: bool = False, **kwargs: Any) -> None:
-        kwargs["amp"] = False
-        kwargs.setdefault("decollate", False)
-        super().__init__(*args, **kwargs)
-        autocast(self.state.device, amp_mode)  # validates the mode for this device
-        self.amp_mode = amp_mode
-        self.clip = float(gradient_clipping_value)
-        self.channels_last = bool(channels_last)
-        self.scaler = torch.amp.GradScaler("cuda") if amp_mode == "float16" else None
-
-
-class VQVAETrainer(_AmpTrainer):
+class VQVAETrainer(AmpTrainer):
     """Stage 1: ``network`` is a :class:`scripts.vq.VQVAETrainingStep` (possibly in DDP). Loss = MSE of the
     reconstruction + the quantiser's commitment loss; the codebook moves by EMA.
 
@@ -147,7 +133,7 @@ def psnr_metric() -> IgniteMetricHandler:
     return IgniteMetricHandler(metric_fn=PSNRMetric(max_val=2.0), output_transform=lambda out: (out["pred"], out["image"]))
 
 
-class PriorTrainer(_AmpTrainer):
+class PriorTrainer(AmpTrainer):
     """Stage 2: ``network`` is a prior (:class:`scripts.vq.AutoregressivePrior` or :class:`scripts.vq.AbsorbingDiffusionPrior`,
     possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) to its loss terms.
 
