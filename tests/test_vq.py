@@ -264,6 +264,8 @@ def test_stage1_writes_weights_tokens_and_a_resumable_checkpoint(vq_runs):
     assert torch.equal(again["train"]["tokens"], tokens["train"]["tokens"])
     run_bundle({**s1, "max_epochs": 3}, STAGE1)  # resumes: one more epoch
     assert torch.load(latest_checkpoint(os.path.join(s1["vqvae_dir"], "checkpoints")), weights_only=True)["trainer"]["iteration"] == 9
+    proc = run_bundle({**s1, "max_epochs": 4, "batch_size": 2}, STAGE1, check=False)  # another effective batch
+    assert proc.returncode != 0 and "written with 3 iterations per epoch but this run has 5" in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["absorbing", "autoregressive"])
