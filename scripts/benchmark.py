@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import fire
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from scripts.generate_synthetic_data import synthetic_volume
 from scripts.losses import ELBOLoss, negative_elbo_terms
 from scripts.networks import VDVAE
-from scripts.trainer import autocast, return_large_blocks_to_os
+from scripts.trainer import autocast, configure_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,45 +126,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _RecordConvolutions(TorchFunctionMode):
+    """Records every 3D convolution call (module or functional) as (input, weight, bias, stride, padding, groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.conv3d, F.conv3d):
+            bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+            self.calls.append((bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0), bound.get("groups", 1)))
+        return func(*args, **kwargs)
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
 class ConvolutionOnlyModel:
-    """Every Conv3d call of one VDVAE training pass, replayed alone: same shapes, weights, dtype and layout.
+    """Every 3D convolution of one VDVAE training pass, replayed alone: same shapes, dtype and layout.
 
     ``run()`` does their forward passes, then the backward pass of all of them (weight gradients always,
     input gradients where the VDVAE needs them). ``flops`` counts multiply-adds x 2 analytically.
     """
 
     def __init__(self, training: TrainingStep, x: torch.Tensor) -> None:
-        calls: list[tuple[nn.Conv3d, tuple, bool]] = []
-
-        def record(module, inputs):
-            calls.append((module, tuple(inputs[0].shape), inputs[0].requires_grad))
-
-        hooks = [m.register_forward_pre_hook(record) for m in training.net.modules() if isinstance(m, nn.Conv3d)]
-        try:
-            training.step(x, seed=0)
-        finally:
-            for h in hooks:
-                h.remove()
         if training.path.activation_checkpointing:
             raise ValueError("record the convolutions of a path without activation checkpointing")
+        recorder = _RecordConvolutions()
+        with recorder:
+            training.step(x, seed=0)
         self.device, self.path = training.device, training.path
         dtype = torch.bfloat16 if training.path.amp == "bfloat16" else torch.float32
         fmt = torch.channels_last_3d if training.path.channels_last else torch.contiguous_format
         self.calls = []
         self.flops = 0.0
-        for conv, shape, needs_input_grad in calls:
-            inp = torch.randn(shape, device=self.device, dtype=dtype).contiguous(memory_format=fmt)
-            self.calls.append((conv, inp.requires_grad_(needs_input_grad)))
-            out_voxels = np.prod([(s + 2 * p - k) // st + 1 for s, p, k, st in zip(shape[2:], conv.padding, conv.kernel_size, conv.stride)])
-            macs = shape[0] * out_voxels * conv.out_channels * conv.in_channels * np.prod(conv.kernel_size) / conv.groups
+        for inp, weight, bias, stride, padding, groups in recorder.calls:
+            shape, needs_input_grad = tuple(inp.shape), inp.requires_grad
+            replay_input = torch.randn(shape, device=self.device, dtype=dtype).contiguous(memory_format=fmt)
+            replay_weight = weight.detach().clone().requires_grad_(True)
+            replay_bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+            stride, padding = _triple(stride), _triple(padding)
+            self.calls.append((replay_input.requires_grad_(needs_input_grad), replay_weight, replay_bias, stride, padding, groups))
+            kernel = weight.shape[2:]
+            out_voxels = np.prod([(s + 2 * p - k) // st + 1 for s, p, k, st in zip(shape[2:], padding, kernel, stride)])
+            macs = shape[0] * out_voxels * weight.shape[0] * weight.shape[1] * np.prod(kernel)
             self.flops += 2.0 * macs * (3 if needs_input_grad else 2)
-        self.num_convolutions = len(calls)
+        self.num_convolutions = len(recorder.calls)
 
     def run(self) -> None:
         outputs = []
         with autocast(self.device, self.path.amp):
-            for conv, inp in self.calls:
-                outputs.append(conv(inp))
+            for inp, weight, bias, stride, padding, groups in self.calls:
+                outputs.append(F.conv3d(inp, weight, bias, stride, padding, 1, groups))
         torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
 
@@ -236,11 +253,11 @@ def peak_resident_set_gb() -> float:
 
 def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: int = 2) -> dict:
     """``steps`` training steps in this process, as train.json runs them (activation checkpointing comes with
-    :func:`scripts.trainer.return_large_blocks_to_os`); peak resident set (CPU) or max allocated (CUDA), in GB,
+    :func:`scripts.trainer.configure_allocator`); peak resident set (CPU) or max allocated (CUDA), in GB,
     and the time of the last step."""
     dev = torch.device(device)
     path = PATHS_BY_KEY[path_key]
-    return_large_blocks_to_os(path.activation_checkpointing)
+    configure_allocator(path.activation_checkpointing)
     run = TrainingStep(resolution, path, dev)
     x = volumes(resolution, TRAIN_BATCH[resolution], seed=1)
     for i in range(steps):
@@ -349,7 +366,7 @@ def write_markdown(results: dict, path: str) -> None:
         "convolutions' multiply-adds x 2 (forward + both backward products) analytically; `of conv-only` is the",
         "convolution-only model's step time divided by the path's (same convolutions, dtype and layout, run alone).",
         "The activation-checkpointing row runs here with the default allocator; train.json pairs it with",
-        "`return_large_blocks_to_os`, whose cost shows in the memory table's step time. Loss: the ELBO loss",
+        "`configure_allocator`, whose cost shows in the memory table's step time. Loss: the ELBO loss",
         "(nats per volume) of every path's first step on the same batch from the same initial weights; held-out",
         "bits/voxel: discretised negative ELBO of held-out volumes after all the timed steps, float32 evaluation.",
         "",
@@ -377,7 +394,7 @@ def write_markdown(results: dict, path: str) -> None:
         lines += [
             "## Peak memory of training (two steps, a fresh process per row)",
             "",
-            "Activation checkpointing runs as train.json runs it, with `return_large_blocks_to_os` (glibc serves",
+            "Activation checkpointing runs as train.json runs it, with `configure_allocator` (glibc serves",
             "blocks >= 4 MiB by mmap); `step s` is the second step's time in that process.",
             "",
             "| resolution | batch | path | peak GB | measured as | step s |",

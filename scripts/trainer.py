@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from scripts.losses import negative_elbo_terms
 
-__all__ = ["return_large_blocks_to_os", "backward_and_clip", "AmpTrainer", "AmpEvaluator", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
+__all__ = ["configure_allocator", "backward_and_clip", "AmpTrainer", "AmpEvaluator", "VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema", "autocast", "AMP_MODES"]
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
@@ -37,20 +37,29 @@ def autocast(device: torch.device | str, amp: str):
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bfloat16" else torch.float16)
 
 
-def return_large_blocks_to_os(enabled: bool, threshold_bytes: int = 4 << 20) -> bool:
-    """With ``enabled``, has glibc serve allocations >= ``threshold_bytes`` by mmap, so freed activations go back
-    to the OS at once. glibc's default raises that threshold up to 32 MiB as large blocks are freed, after which
-    the heap fragments and keeps freed activations resident. This is what keeps a 128^3 training step with
-    activation checkpointing under 8 GB (docs/performance.md); mmap-ing every large block costs time (page
-    faults), hence only together with ``activation_checkpointing``. Returns whether the setting was applied (False off glibc or when disabled)."""
-    if not enabled:
-        return False
+def configure_allocator(activation_checkpointing: bool) -> bool:
+    """Tells glibc's malloc how to treat the large activation blocks of a training step.
+
+    Without ``activation_checkpointing`` (speed): every block is served from the heap and freed blocks stay there
+    for the next step. glibc's default maps each block above a moving threshold (128 KiB up to 32 MiB) afresh
+    with mmap and unmaps it when freed, so every step page-faults its activations in again: 20% of a 32^3 step
+    and 30% of a 64^3 step here, for about 5% more peak memory (``python -m scripts.benchmark --sections allocator``).
+
+    With ``activation_checkpointing`` (memory): blocks of 4 MiB or more are mmap-ed, so freed activations go back
+    to the OS at once. glibc's default raises its threshold up to 32 MiB as large blocks are freed, after which
+    the heap fragments and keeps freed activations resident; this is what keeps a 128^3 training step with
+    activation checkpointing under 8 GB (docs/performance.md).
+
+    Returns whether the setting was applied (False off glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_mmap_threshold = -3  # from malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    if activation_checkpointing:
+        return bool(libc.mallopt(m_mmap_threshold, 4 << 20))
+    keep = 1 << 30  # 1 GiB: larger than any single activation block of the example configurations
+    return bool(libc.mallopt(m_mmap_threshold, keep)) and bool(libc.mallopt(m_trim_threshold, keep))
 
 
 def backward_and_clip(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float) -> float:

@@ -190,3 +190,26 @@ def test_fused_kl_per_volume_matches_autograd_of_the_elementwise_kl():
     out = gaussian_kl_per_volume(*c)
     out.sum().backward()
     assert out.dtype == torch.float32 and c[1].grad.dtype == torch.bfloat16
+
+
+def test_split_heads_equal_the_whole_convolution_split_by_channel():
+    """ResBlock.forward_split computes each channel group with a slice of the last convolution: the same numbers
+    as forward(x).split(sizes), as dense tensors in the input's memory format, and the same gradients."""
+    from scripts.networks import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(6, 5, 7, 3, residual=False).to(memory_format=torch.channels_last_3d)
+    for conv in block.convs:  # non-zero biases, so a wrong bias slice would show
+        torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 6, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    whole = block(x).split([3, 1, 3], dim=1)
+    parts = block.forward_split(x, [3, 1, 3])
+    for w, p in zip(whole, parts):
+        torch.testing.assert_close(p, w)
+        assert p.is_contiguous(memory_format=torch.channels_last_3d)
+    grads_whole = torch.autograd.grad(sum((w * (i + 1)).sum() for i, w in enumerate(whole)), list(block.parameters()))
+    grads_parts = torch.autograd.grad(sum((p * (i + 1)).sum() for i, p in enumerate(parts)), list(block.parameters()))
+    for gw, gp in zip(grads_whole, grads_parts):
+        torch.testing.assert_close(gp, gw)
+    with pytest.raises(ValueError, match="without a skip"):
+        ResBlock(6, 5, 6, 3).forward_split(x, [3, 3])
