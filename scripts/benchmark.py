@@ -2,14 +2,16 @@
 """Training and sampling speed, memory and data-loading benchmark; writes ``docs/performance.md``.
 
     python -m scripts.benchmark                      # everything (about 25 min on 2 CPU cores)
-    python -m scripts.benchmark --sections train     # one part: train, memory, sampling, data
+    python -m scripts.benchmark --sections train     # one part: train, memory, sampling, allocator, data
     python -m scripts.benchmark --quick True         # fewer steps, 32^3 only, no 128^3 memory (smoke run)
 
 Every comparison is measured side by side in one run: the training paths of one configuration are timed in
 turn, step by step (round robin), against this bundle's own float32 contiguous path and against a
 convolution-only model with the same convolutions (shapes, dtype, memory layout; forward and backward, nothing
 else), and figures are medians. Peak memory of one training step is taken in a fresh process per figure (CPU
-resident set, or CUDA max allocated). The reference code's figures on this machine kind are quoted from the
+resident set, or CUDA max allocated). The training and sampling sections run in this process with the allocator
+setting of train.json and inference.json (``configure_allocator(lean_memory=False)``); the allocator section
+compares that setting with glibc's default in fresh processes. The reference code's figures on this machine kind are quoted from the
 project's issue #5, not measured here.
 """
 
@@ -42,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from issue #5.
 REFERENCE_VOLUMES_PER_S = {32: 1.2, 64: 0.084}
 TRAIN_BATCH = {32: 8, 64: 2, 128: 1}
+SECTIONS = ("train", "memory", "sampling", "allocator", "data")
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: 
     and the time of the last step."""
     dev = torch.device(device)
     path = PATHS_BY_KEY[path_key]
-    configure_allocator(path.activation_checkpointing)
+    configure_allocator(lean_memory=path.activation_checkpointing)
     run = TrainingStep(resolution, path, dev)
     x = volumes(resolution, TRAIN_BATCH[resolution], seed=1)
     for i in range(steps):
@@ -284,6 +287,73 @@ def bench_memory(cases: list[tuple[int, str]], device: torch.device, log) -> lis
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         log(f"  memory {rows[-1]}")
+    return rows
+
+
+ALLOCATOR_SETTINGS = ("glibc default", "configure_allocator(lean_memory=False)")
+
+
+def allocator_worker(kind: str, resolution: int, setting: str, repeats: int) -> None:
+    """Run by :func:`bench_allocator` in a fresh process: ``repeats`` timed training steps (``kind='train'``,
+    default path) or 1-volume samples (``kind='sample'``) after one untimed, under ``setting``; prints one JSON line."""
+    if setting == ALLOCATOR_SETTINGS[1]:
+        configure_allocator(lean_memory=False)
+    elif setting != ALLOCATOR_SETTINGS[0]:
+        raise ValueError(f"setting must be one of {ALLOCATOR_SETTINGS}, got {setting!r}")
+    resolution, device = int(resolution), torch.device("cpu")
+    if kind == "train":
+        run = TrainingStep(resolution, PATHS_BY_KEY["bf16_cl"], device)
+        x = volumes(resolution, TRAIN_BATCH[resolution], seed=1)
+        fn = lambda i: run.step(x, seed=i)  # noqa: E731
+    elif kind == "sample":
+        net = build(resolution, PATHS_BY_KEY["bf16_cl"], device).eval()
+
+        def fn(i: int) -> None:
+            with autocast(device, "bfloat16"):
+                net.sample(1, temperature=0.8, generator_seed=i)
+
+    else:
+        raise ValueError(f"kind must be 'train' or 'sample', got {kind!r}")
+    times = []
+    for i in range(int(repeats) + 1):
+        t = time.perf_counter()
+        fn(i)
+        if i:
+            times.append(time.perf_counter() - t)
+    print(json.dumps({"times": times, "peak_gb": peak_resident_set_gb()}))
+
+
+def bench_allocator(cases: list[tuple[str, int]], rounds: int, repeats: int, log) -> list[dict]:
+    """glibc's default allocator against :func:`scripts.trainer.configure_allocator` (``lean_memory=False``, what
+    train.json without activation checkpointing and the sampling configs use): for every case, fresh processes
+    alternate between the two settings ``rounds`` times; median time per step (or sample) and largest peak
+    resident set over the processes of a setting."""
+    rows = []
+    for kind, resolution in cases:
+        times: dict[str, list[float]] = {k: [] for k in ALLOCATOR_SETTINGS}
+        peaks: dict[str, list[float]] = {k: [] for k in ALLOCATOR_SETTINGS}
+        for _ in range(rounds):
+            for setting in ALLOCATOR_SETTINGS:
+                cmd = [sys.executable, "-m", "scripts.benchmark", "allocator_worker", kind, str(resolution), setting, str(repeats)]
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                times[setting] += result["times"]
+                peaks[setting].append(result["peak_gb"])
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        for setting in ALLOCATOR_SETTINGS:
+            rows.append(
+                {
+                    "kind": kind,
+                    "resolution": resolution,
+                    "batch": TRAIN_BATCH[resolution] if kind == "train" else 1,
+                    "setting": setting,
+                    "seconds": medians[setting],
+                    "speedup": medians[ALLOCATOR_SETTINGS[0]] / medians[setting],
+                    "peak_gb": max(peaks[setting]),
+                    "n": len(times[setting]),
+                }
+            )
+            log(f"  allocator {rows[-1]}")
     return rows
 
 
@@ -365,8 +435,9 @@ def write_markdown(results: dict, path: str) -> None:
         "32^3 batch 8, 0.084 at 64^3 batch 2: quoted from issue #5, not re-measured). GFLOP/s counts the",
         "convolutions' multiply-adds x 2 (forward + both backward products) analytically; `of conv-only` is the",
         "convolution-only model's step time divided by the path's (same convolutions, dtype and layout, run alone).",
-        "The activation-checkpointing row runs here with the default allocator; train.json pairs it with",
-        "`configure_allocator`, whose cost shows in the memory table's step time. Loss: the ELBO loss",
+        "Every row runs with `configure_allocator(lean_memory=False)`, as train.json runs the default path;",
+        "train.json pairs activation checkpointing with `lean_memory=True`, whose cost shows in the memory",
+        "table's step time. Loss: the ELBO loss",
         "(nats per volume) of every path's first step on the same batch from the same initial weights; held-out",
         "bits/voxel: discretised negative ELBO of held-out volumes after all the timed steps, float32 evaluation.",
         "",
@@ -394,8 +465,9 @@ def write_markdown(results: dict, path: str) -> None:
         lines += [
             "## Peak memory of training (two steps, a fresh process per row)",
             "",
-            "Activation checkpointing runs as train.json runs it, with `configure_allocator` (glibc serves",
-            "blocks >= 4 MiB by mmap); `step s` is the second step's time in that process.",
+            "Each row runs as train.json runs it: `configure_allocator(lean_memory=True)` with activation",
+            "checkpointing (glibc serves blocks >= 4 MiB by mmap), `lean_memory=False` without; `step s` is the",
+            "second step's time in that process.",
             "",
             "| resolution | batch | path | peak GB | measured as | step s |",
             "|---|---|---|---|---|---|",
@@ -414,6 +486,22 @@ def write_markdown(results: dict, path: str) -> None:
             if "profile" in r:
                 lines += ["", f"Where the time of one {r['resolution']}^3 sample goes:", "", "```", r["profile"].rstrip(), "```"]
         lines.append("")
+    if results.get("allocator"):
+        lines += [
+            "## Allocator (glibc default against `configure_allocator(lean_memory=False)`)",
+            "",
+            "Fresh processes alternate between the two settings; bfloat16 channels-last; training steps of the",
+            "default path, or 1-volume samples; median over all timed repeats, largest peak resident set.",
+            "",
+            "| work | resolution | batch | allocator | s per step or sample | speed-up | peak GB | timed repeats |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["allocator"]:
+            lines.append(
+                f"| {'training step' if r['kind'] == 'train' else 'sample'} | {r['resolution']}^3 | {r['batch']} | {r['setting']} | "
+                f"{r['seconds']:.2f} | {r['speedup']:.2f} | {r['peak_gb']:.2f} | {r['n']} |"
+            )
+        lines.append("")
     if results.get("data"):
         d = results["data"]
         lines += [
@@ -428,7 +516,7 @@ def write_markdown(results: dict, path: str) -> None:
 
 
 def main(
-    sections: str | tuple = ("train", "memory", "sampling", "data"),
+    sections: str | tuple = SECTIONS,
     resolutions: str | tuple = (32, 64),
     steps: int = 6,
     warmup: int = 2,
@@ -442,15 +530,16 @@ def main(
     section's command and date)."""
     sections = [sections] if isinstance(sections, str) else list(sections)
     resolutions = [int(r) for r in ([resolutions] if isinstance(resolutions, (int, str)) else resolutions)]
-    unknown = set(sections) - {"train", "memory", "sampling", "data"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"sections must be among train, memory, sampling, data; got {sorted(unknown)}")
+        raise ValueError(f"sections must be among {', '.join(SECTIONS)}; got {sorted(unknown)}")
     bad = [r for r in resolutions if r not in REFERENCE_VOLUMES_PER_S]
     if bad:
         raise ValueError(f"resolutions must be among {sorted(REFERENCE_VOLUMES_PER_S)}, got {bad}")
     if quick:
         resolutions, steps, warmup = [32], 3, 1
     dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    configure_allocator(lean_memory=False)  # as train.json (without activation checkpointing) and inference.json
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
     results: dict = {
         "command": "python -m scripts.benchmark " + " ".join(sys.argv[1:]),
@@ -465,7 +554,7 @@ def main(
     if merge and os.path.exists(raw_path):  # keep the sections of an earlier run that this run does not redo
         with open(raw_path) as f:
             earlier = json.load(f)
-        results = {**{k: v for k, v in earlier.items() if k in ("train", "memory", "sampling", "data")}, **results}
+        results = {**{k: v for k, v in earlier.items() if k in SECTIONS}, **results}
 
     def save() -> None:
         """Writes the Markdown table and the raw figures; called after every section, so a failure keeps the rest."""
@@ -491,6 +580,11 @@ def main(
         log("sampling ...")
         results["sampling"] = bench_sampling(resolutions + ([] if quick else [128]), dev, 2 if quick else 3, log)
         save()
+    if "allocator" in sections:
+        log("allocator ...")
+        cases = [("train", r) for r in resolutions] + [("sample", 64 if quick else 128)]
+        results["allocator"] = bench_allocator(cases, 1 if quick else 2, 2 if quick else 3, log)
+        save()
     if "data" in sections:
         log("data loading ...")
         results["data"] = bench_data_loading(4 if quick else 12, log)
@@ -507,5 +601,7 @@ def memory_worker(resolution: int, path_key: str, device: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["memory_worker"]:
         fire.Fire(memory_worker, command=sys.argv[2:])
+    elif sys.argv[1:2] == ["allocator_worker"]:
+        allocator_worker(*sys.argv[2:6])
     else:
         fire.Fire(main)

@@ -37,18 +37,19 @@ def autocast(device: torch.device | str, amp: str):
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bfloat16" else torch.float16)
 
 
-def configure_allocator(activation_checkpointing: bool) -> bool:
-    """Tells glibc's malloc how to treat the large activation blocks of a training step.
+def configure_allocator(lean_memory: bool) -> bool:
+    """Tells glibc's malloc what to do with the large activation blocks that every step allocates and frees.
 
-    Without ``activation_checkpointing`` (speed): every block is served from the heap and freed blocks stay there
-    for the next step. glibc's default maps each block above a moving threshold (128 KiB up to 32 MiB) afresh
-    with mmap and unmaps it when freed, so every step page-faults its activations in again: 20% of a 32^3 step
-    and 30% of a 64^3 step here, for about 5% more peak memory (``python -m scripts.benchmark --sections allocator``).
+    ``lean_memory=False`` (speed: training without activation checkpointing, sampling, evaluation): blocks are
+    served from the heap and freed blocks stay there for the next step. glibc's default maps each block above a
+    moving threshold (128 KiB, rising to at most 32 MiB) afresh with mmap and unmaps it when freed, so every step
+    page-faults its activations in again. Measured side by side in fresh processes by
+    ``python -m scripts.benchmark --sections allocator`` (docs/performance.md).
 
-    With ``activation_checkpointing`` (memory): blocks of 4 MiB or more are mmap-ed, so freed activations go back
-    to the OS at once. glibc's default raises its threshold up to 32 MiB as large blocks are freed, after which
-    the heap fragments and keeps freed activations resident; this is what keeps a 128^3 training step with
-    activation checkpointing under 8 GB (docs/performance.md).
+    ``lean_memory=True`` (memory: training with activation checkpointing): blocks of 4 MiB or more are mmap-ed,
+    so freed activations go back to the OS at once. With glibc's moving threshold the heap fragments and keeps
+    freed activations resident; this setting keeps a 128^3 training step with activation checkpointing under
+    8 GB (docs/performance.md).
 
     Returns whether the setting was applied (False off glibc)."""
     try:
@@ -56,7 +57,7 @@ def configure_allocator(activation_checkpointing: bool) -> bool:
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
-    if activation_checkpointing:
+    if lean_memory:
         return bool(libc.mallopt(m_mmap_threshold, 4 << 20))
     keep = 1 << 30  # 1 GiB: larger than any single activation block of the example configurations
     return bool(libc.mallopt(m_mmap_threshold, keep)) and bool(libc.mallopt(m_trim_threshold, keep))

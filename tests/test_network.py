@@ -183,8 +183,9 @@ def test_fused_kl_per_volume_matches_autograd_of_the_elementwise_kl():
     assert torch.allclose(fused, plain, rtol=1e-5)
     (fused * weights).sum().backward()
     (plain * weights).sum().backward()
-    for x, y in zip(a, b):
+    for x, y, leaf in zip(a, b, leaves):
         assert torch.allclose(x.grad, y.grad, rtol=1e-4, atol=1e-5)
+        assert torch.equal(x.detach(), leaf)  # the inputs are never written into
     # bfloat16 inputs give float32 KL and bfloat16 gradients
     c = [t.to(torch.bfloat16).requires_grad_(True) for t in leaves]
     out = gaussian_kl_per_volume(*c)
