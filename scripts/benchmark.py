@@ -384,7 +384,7 @@ def bench_sampling(resolutions: list[int], device: torch.device, repeats: int, l
 
 def bench_data_loading(steps: int, log) -> dict:
     """Fraction of training-step time spent waiting for the default pipeline (train.json: default data set,
-    workers and caching, 32^3, batch 8), over ``steps`` steps after the first."""
+    workers, caching, resolution and batch size), over ``steps`` steps after the first."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -409,6 +409,8 @@ def bench_data_loading(steps: int, log) -> dict:
     result = {
         "num_workers": parser["num_workers"],
         "cache": parser["cache"],
+        "resolution": parser["resolution"],
+        "batch_size": parser["batch_size"],
         "steps": steps,
         "wait_fraction": sum(waits) / sum(totals),
         "median_wait_s": statistics.median(waits),
@@ -428,7 +430,9 @@ def write_markdown(results: dict, path: str) -> None:
     lines = [
         "# Performance",
         "",
-        f"Measured by `{results['command']}` on {results['machine']} ({results['date']}); torch {torch.__version__}.",
+        f"Measured on {results['machine']}; torch {torch.__version__}; "
+        + "; ".join(f"{k}: {v}" for k, v in results.get("measured_by", {}).items() if k in results)
+        + ".",
         "Training figures are medians of per-step times measured side by side in one process (the paths of a",
         "configuration take turns step by step). `x float32` is the speed-up over this bundle's float32 contiguous",
         "path; `x reference` over the reference code's own training loop on this machine kind (1.2 volumes/s at",
@@ -505,7 +509,7 @@ def write_markdown(results: dict, path: str) -> None:
     if results.get("data"):
         d = results["data"]
         lines += [
-            "## Data loading (configs/train.json defaults: built-in data set, 32^3, batch 8)",
+            f"## Data loading (configs/train.json defaults: built-in data set, {d['resolution']}^3, batch {d['batch_size']})",
             "",
             f"num_workers={d['num_workers']}, cache={d['cache']!r}: {100 * d['wait_fraction']:.1f}% of step time waiting for data "
             f"over {d['steps']} steps (median wait {d['median_wait_s']:.3f} s, median step {d['median_step_s']:.2f} s).",
@@ -542,7 +546,7 @@ def main(
     configure_allocator(lean_memory=False)  # as train.json (without activation checkpointing) and inference.json
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
     results: dict = {
-        "command": "python -m scripts.benchmark " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m scripts.benchmark", *sys.argv[1:]]),
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -555,6 +559,9 @@ def main(
         with open(raw_path) as f:
             earlier = json.load(f)
         results = {**{k: v for k, v in earlier.items() if k in SECTIONS}, **results}
+        results["measured_by"] = {k: v for k, v in earlier.get("measured_by", {}).items() if k in results}
+    this_run = f"`{results['command']}` ({results['date']})"
+    results.setdefault("measured_by", {}).update({k: this_run for k in sections})
 
     def save() -> None:
         """Writes the Markdown table and the raw figures; called after every section, so a failure keeps the rest."""

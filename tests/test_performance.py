@@ -1,5 +1,8 @@
 """The optimised training path (bfloat16 autocast, channels-last-3d) computes the same loss as float32."""
 
+import sys
+
+import pytest
 import torch
 
 from scripts.losses import ELBOLoss
@@ -62,3 +65,39 @@ def test_benchmark_counts_convolution_flops_like_torch():
     priors = sum(block.prior is not None for block in step.net.decoder_blocks)
     assert conv_only.num_convolutions == modules + 2 * priors + step.net.num_latent_groups
     assert conv_only.flops == counter.get_total_flops()
+
+
+_RSS_AFTER_FREE = """
+import sys, torch
+from scripts.trainer import configure_allocator
+setting = sys.argv[1]
+applied = configure_allocator(lean_memory=setting == "lean") if setting != "default" else True
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+before = rss_mb()
+block = torch.ones(48 * 2**20)  # 192 MiB, touched
+del block
+print(applied, round(rss_mb() - before))
+"""
+
+
+def _rss_kept_after_free(setting: str) -> tuple[bool, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE, setting], capture_output=True, text=True, check=True)
+    applied, kept = out.stdout.split()
+    return applied == "True", int(kept)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_allocator_keeps_freed_blocks_for_speed_and_returns_them_for_memory():
+    """configure_allocator(lean_memory=False) keeps a freed 192 MiB block resident for the next step (glibc's
+    default, like lean_memory=True, unmaps it), each in a fresh process since the setting is process-wide."""
+    applied, kept = _rss_kept_after_free("speed")
+    assert applied and kept > 150, kept
+    applied, kept = _rss_kept_after_free("lean")
+    assert applied and kept < 50, kept
+    _, kept = _rss_kept_after_free("default")
+    assert kept < 50, kept
