@@ -189,8 +189,8 @@ class ResBlock(nn.Module):
         """The output of a block without skip, as channel groups of ``sizes`` [(B, n, D, H, W)]: the same numbers
         as ``forward(x).split(sizes, 1)``, but each group is computed by its own slice of the last convolution's
         weights, so every group is a dense tensor in the input's memory format. Channel slices of a channels-last
-        tensor are not dense: elementwise work on them, and their gradients, took a quarter of a latent group's
-        training time."""
+        tensor are not dense: PyTorch's elementwise kernels run slowly on them, and their gradients are assembled
+        by slow strided copies."""
         if self.skip is not None:
             raise ValueError("forward_split is for blocks without a skip connection")
         h = x
