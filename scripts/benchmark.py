@@ -1,7 +1,7 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Training and sampling speed, memory and data-loading benchmark; writes ``docs/performance.md``.
 
-    python -m scripts.benchmark                      # everything (about 25 min on 2 CPU cores)
+    python -m scripts.benchmark                      # everything (about 35 min on 2 CPU cores)
     python -m scripts.benchmark --sections train     # one part: train, memory, sampling, allocator, data
     python -m scripts.benchmark --quick True         # fewer steps, 32^3 only, no 128^3 memory (smoke run)
 
