@@ -130,7 +130,8 @@ def _sync(device: torch.device) -> None:
 
 
 class _RecordConvolutions(TorchFunctionMode):
-    """Records every 3D convolution call (module or functional) as (input, weight, bias, stride, padding, groups)."""
+    """Records every 3D convolution call (module or functional) as (input shape, input requires grad, weight copy,
+    bias copy, stride, padding, groups); it keeps no activation alive."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,9 +139,20 @@ class _RecordConvolutions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.conv3d, F.conv3d):
+        if func is F.conv3d:
             bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
-            self.calls.append((bound["input"], bound["weight"], bound.get("bias"), bound.get("stride", 1), bound.get("padding", 0), bound.get("groups", 1)))
+            bias = bound.get("bias")
+            self.calls.append(
+                (
+                    tuple(bound["input"].shape),
+                    bound["input"].requires_grad,
+                    bound["weight"].detach().clone(),
+                    None if bias is None else bias.detach().clone(),
+                    bound.get("stride", 1),
+                    bound.get("padding", 0),
+                    bound.get("groups", 1),
+                )
+            )
         return func(*args, **kwargs)
 
 
@@ -166,13 +178,11 @@ class ConvolutionOnlyModel:
         fmt = torch.channels_last_3d if training.path.channels_last else torch.contiguous_format
         self.calls = []
         self.flops = 0.0
-        for inp, weight, bias, stride, padding, groups in recorder.calls:
-            shape, needs_input_grad = tuple(inp.shape), inp.requires_grad
+        for shape, needs_input_grad, weight, bias, stride, padding, groups in recorder.calls:
             replay_input = torch.randn(shape, device=self.device, dtype=dtype).contiguous(memory_format=fmt)
-            replay_weight = weight.detach().clone().requires_grad_(True)
-            replay_bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+            replay_bias = None if bias is None else bias.requires_grad_(True)
             stride, padding = _triple(stride), _triple(padding)
-            self.calls.append((replay_input.requires_grad_(needs_input_grad), replay_weight, replay_bias, stride, padding, groups))
+            self.calls.append((replay_input.requires_grad_(needs_input_grad), weight.requires_grad_(True), replay_bias, stride, padding, groups))
             kernel = weight.shape[2:]
             out_voxels = np.prod([(s + 2 * p - k) // st + 1 for s, p, k, st in zip(shape[2:], padding, kernel, stride)])
             macs = shape[0] * out_voxels * weight.shape[0] * weight.shape[1] * np.prod(kernel)
@@ -255,8 +265,8 @@ def peak_resident_set_gb() -> float:
 
 
 def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: int = 2) -> dict:
-    """``steps`` training steps in this process, as train.json runs them (activation checkpointing comes with
-    :func:`scripts.trainer.configure_allocator`); peak resident set (CPU) or max allocated (CUDA), in GB,
+    """``steps`` training steps in this process, as train.json runs them (with
+    ``scripts.trainer.configure_allocator(lean_memory=<activation checkpointing>)``); peak resident set (CPU) or max allocated (CUDA), in GB,
     and the time of the last step."""
     dev = torch.device(device)
     path = PATHS_BY_KEY[path_key]

@@ -177,10 +177,16 @@ class ResBlock(nn.Module):
                 return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _last_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activated input of the last convolution (B, hidden, D, H, W)."""
         h = x
-        for conv in self.convs:
-            h = conv(F.gelu(h))
+        for i, conv in enumerate(self.convs):
+            if i < 3:
+                h = conv(F.gelu(h))
+        return F.gelu(h)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs[3](self._last_input(x))
         if self.skip is not None:
             h = h + self.skip(x)
         return h
@@ -193,11 +199,7 @@ class ResBlock(nn.Module):
         by slow strided copies."""
         if self.skip is not None:
             raise ValueError("forward_split is for blocks without a skip connection")
-        h = x
-        for i, conv in enumerate(self.convs):
-            if i < 3:
-                h = conv(F.gelu(h))
-        h = F.gelu(h)
+        h = self._last_input(x)
         last = self.convs[3]
         weight, bias = last.weight, last.bias
         assert bias is not None
