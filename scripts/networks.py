@@ -1,11 +1,16 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """The 3D very deep hierarchical VAE (Child 2021, as streamlined for 3D by Gray et al. 2022).
 
+With its defaults, :class:`VDVAE` computes exactly the function of the reference implementation
+(``3d_very_deep_vae``, tested against its numbers in ``tests/test_reference_parity.py``), and
+:func:`scripts.reference.convert_reference_state_dict` loads the reference's checkpoints into it.
+
 Resolution ``2**k`` per axis. Every per-level list has ``k + 1`` entries, full resolution first and the 1^3
-level last. The encoder runs bottom-up with two residual blocks per level; the decoder runs top-down from 1^3,
-and at every level holds ``latent_feature_maps_per_resolution[i]`` latent groups, each a :class:`TopDownBlock`
-(prior p(z|h), posterior q(z|x,h)) followed by a :class:`ResBlock`. A Gaussian head gives a mean and a scale
-per voxel for data scaled to [-1, 1].
+level last. The encoder runs bottom-up with two residual blocks per level (nearest subsampling between levels);
+the decoder runs top-down from 1^3 (nearest x2 upsampling between levels), and at every level holds
+``latent_feature_maps_per_resolution[i]`` latent groups, each a :class:`TopDownBlock` (prior p(z|h), posterior
+q(z|x,h)) followed by a :class:`ResBlock`. A Gaussian head gives a mean and a scale per voxel for data scaled to
+[-1, 1]. Every convolution is preceded by a GELU.
 
 ``forward(x)`` returns only the reconstruction mean (B, 1, D, H, W), so the Model Zoo's shape and TorchScript
 checks apply; :meth:`VDVAE.forward_train` returns what the ELBO needs.
@@ -15,14 +20,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VDVAE", "VDVAETrainingStep", "ResBlock", "TopDownBlock", "gaussian_kl", "gaussian_kl_per_volume", "standard_normal_like"]
+__all__ = [
+    "VDVAE",
+    "VDVAETrainingStep",
+    "ResBlock",
+    "TopDownBlock",
+    "TopLatentBlock",
+    "gaussian_kl",
+    "gaussian_kl_per_volume",
+    "standard_normal_like",
+    "TEMPERATURE_MODES",
+]
 
 ARCHITECTURE_LISTS = (
     "channels",
@@ -35,11 +50,19 @@ ARCHITECTURE_LISTS = (
     "kernel_sizes_top_down",
 )
 
+PRIOR_VARIANCE_FLOOR = 1e-5  # the reference's KL divides by max(prior variance, 1e-5)
 
-def gaussian_kl(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
-    """Elementwise KL(N(mu_q, scale_q^2) || N(mu_p, scale_p^2)), same shape as the inputs."""
-    var_ratio = (scale_q / scale_p) ** 2
-    return 0.5 * (var_ratio + ((mu_q - mu_p) / scale_p) ** 2 - 1.0 - torch.log(var_ratio))
+# "latent": z = T * (mu_p + sigma_p * eps), the reference's; "std": z = mu_p + T * sigma_p * eps (Child 2021)
+TEMPERATURE_MODES = ("latent", "std")
+
+
+def gaussian_kl(
+    mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor, variance_floor: float = PRIOR_VARIANCE_FLOOR
+) -> torch.Tensor:
+    """Elementwise KL(N(mu_q, scale_q^2) || N(mu_p, scale_p^2)) with the reference's floor on the prior variance:
+    ((scale_q^2 + (mu_q - mu_p)^2) / max(scale_p^2, 1e-5) - 1) / 2 + log scale_p - log scale_q."""
+    var_p = torch.clamp(scale_p * scale_p, min=variance_floor)
+    return 0.5 * ((scale_q * scale_q + (mu_q - mu_p) ** 2) / var_p - 1.0 + 2.0 * torch.log(scale_p) - 2.0 * torch.log(scale_q))
 
 
 class GaussianKLPerVolume(torch.autograd.Function):
@@ -47,37 +70,44 @@ class GaussianKLPerVolume(torch.autograd.Function):
     the input dtype, with an analytic backward that keeps only the four inputs.
 
     Autograd through :func:`gaussian_kl` would store about six float32 latent-sized intermediates per group,
-    the largest share of training memory at 128^3; this stores none. Both passes work on r = scale_q / scale_p
-    and d = (mu_q - mu_p) / scale_p, KL = (r^2 + d^2 - 1) / 2 - log r, in as few passes over memory as eager
-    PyTorch allows: at 32^3 these elementwise passes, not arithmetic, are what the KL costs.
+    the largest share of training memory at 128^3; this stores none. Both passes work in place on float32
+    copies: PyTorch's CPU kernels are several times slower on mixed bfloat16 / float32 operands than a
+    conversion followed by a float32 operation, and at 32^3 these elementwise passes are what the KL costs.
+    With v = max(scale_p^2, 1e-5) and A = scale_q^2 + (mu_q - mu_p)^2: KL = (A / v - 1) / 2 + log(scale_p / scale_q).
     """
 
     @staticmethod
-    def _ratio_and_distance(mu_q, scale_q, mu_p, scale_p) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """float32 (1 / scale_p, r, d), computed in place on float32 copies: PyTorch's CPU kernels are several times
-        slower on mixed bfloat16 / float32 operands than a conversion followed by a float32 operation."""
-        inv_p = scale_p.to(torch.float32, copy=True).reciprocal_()
-        ratio = scale_q.to(torch.float32, copy=True).mul_(inv_p)
-        distance = mu_q.to(torch.float32, copy=True).sub_(mu_p.float()).mul_(inv_p)
-        return inv_p, ratio, distance
+    def _terms(mu_q, scale_q, mu_p, scale_p) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 (1 / v, A / v, diff = mu_q - mu_p, scale_q) for the KL and its gradients."""
+        sq = scale_q.to(torch.float32, copy=True)
+        inv_v = scale_p.float().square().clamp_(min=PRIOR_VARIANCE_FLOOR).reciprocal_()
+        diff = mu_q.to(torch.float32, copy=True).sub_(mu_p.float())
+        a_over_v = sq.square().addcmul_(diff, diff).mul_(inv_v)
+        return inv_v, a_over_v, diff, sq
 
     @staticmethod
     def forward(ctx, mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(mu_q, scale_q, mu_p, scale_p)
-        _, ratio, distance = GaussianKLPerVolume._ratio_and_distance(mu_q, scale_q, mu_p, scale_p)
-        kl = ratio.square().addcmul_(distance, distance).sub_(1.0)  # r^2 + d^2 - 1
-        kl.sub_(ratio.log_(), alpha=2.0)
+        # the reference's order of operations, so that float32 results agree to the last bits even where the
+        # terms cancel (KL << 1 per dimension): ((var_q + diff^2) / v - 1 + 2 log sp) - 2 log sq
+        sq, sp = scale_q.float(), scale_p.float()
+        diff = mu_q.to(torch.float32, copy=True).sub_(mu_p.float())
+        kl = sq.square().add_(diff.square_()).div_(sp.square().clamp_(min=PRIOR_VARIANCE_FLOOR))
+        kl.sub_(1.0).add_(sp.log(), alpha=2.0).sub_(sq.log(), alpha=2.0)
         return kl.sum(dim=(1, 2, 3, 4)).mul_(0.5)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mu_q, scale_q, mu_p, scale_p = ctx.saved_tensors
-        inv_p, ratio, distance = GaussianKLPerVolume._ratio_and_distance(mu_q, scale_q, mu_p, scale_p)
-        g_over_p = inv_p.mul_(grad.float().view(-1, 1, 1, 1, 1))  # g / scale_p
-        # dKL/dmu_q = d / sp = -dKL/dmu_p, dKL/dsq = (r - 1/r) / sp, dKL/dsp = (1 - r^2 - d^2) / sp
-        grad_scale_q = ratio.reciprocal().sub_(ratio).neg_().mul_(g_over_p)
-        grad_scale_p = ratio.square_().addcmul_(distance, distance).sub_(1.0).neg_().mul_(g_over_p)  # uses r, d
-        grad_mu_q = distance.mul_(g_over_p)
+        inv_v, a_over_v, diff, sq = GaussianKLPerVolume._terms(mu_q, scale_q, mu_p, scale_p)
+        g = grad.float().view(-1, 1, 1, 1, 1)
+        sp = scale_p.float()
+        # dKL/dmu_q = diff / v = -dKL/dmu_p; dKL/dsq = sq / v - 1 / sq;
+        # dKL/dsp = 1 / sp - (A / v) * (2 sp / v) / 2 where the floor is not active, else 1 / sp
+        floored = (sp * sp) < PRIOR_VARIANCE_FLOOR
+        grad_scale_p = a_over_v.mul_(inv_v).mul_(sp).masked_fill_(floored, 0.0).neg_().add_(sp.reciprocal()).mul_(g)
+        grad_scale_q = sq.mul(inv_v).sub_(sq.reciprocal()).mul_(g)
+        grad_mu_q = diff.mul_(inv_v).mul_(g)
         return grad_mu_q.to(mu_q.dtype), grad_scale_q.to(scale_q.dtype), grad_mu_q.neg().to(mu_p.dtype), grad_scale_p.to(scale_p.dtype)
 
 
@@ -93,7 +123,7 @@ def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
 
     The values are drawn in (B, C, D, H, W) order whatever the layout, so a seed gives the same latents with and
     without channels-last. Drawing into a dense tensor matters: ``randn_like`` of a channel slice of a
-    channels-last activation falls back to a slow element-by-element path (10% of a training step here).
+    channels-last activation falls back to a slow element-by-element path.
     """
     noise = torch.randn(t.shape, dtype=torch.float32, device=t.device)
     if t.dim() == 5 and t.shape[1] > 1 and t.stride(1) == 1:
@@ -101,31 +131,57 @@ def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
     return noise
 
 
-def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Module:
-    """``kernel_size``^3 convolution that keeps the spatial size (k=2 is padded at the front of each axis)."""
-    if kernel_size not in (1, 2, 3):
-        raise ValueError(f"kernel sizes must be 1, 2 or 3, got {kernel_size}")
-    if kernel_size == 2:
-        return nn.Sequential(nn.ConstantPad3d((1, 0, 1, 0, 1, 0), 0.0), nn.Conv3d(in_ch, out_ch, 2))
-    return nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
+def _draw(mu: torch.Tensor, scale: torch.Tensor, sample: bool, temperature: float, temperature_mode: str) -> torch.Tensor:
+    """A latent from N(mu, scale^2) in float32: mu + scale * eps (temperature 1), tempered as ``temperature_mode``
+    says; ``sample=False`` gives the (tempered) mean."""
+    if temperature_mode == "std":
+        if not sample:
+            return mu.float()
+        return torch.addcmul(mu.float(), scale.float(), standard_normal_like(mu), value=temperature)
+    z = torch.addcmul(mu.float(), scale.float(), standard_normal_like(mu)) if sample else mu.float()
+    return z if temperature == 1.0 else z * temperature
 
 
-class Subsample(nn.Module):
-    """Nearest subsampling by 2 per axis: (B, C, D, H, W) -> (B, C, D/2, H/2, W/2)."""
+class Conv3dSame(nn.Conv3d):
+    """k^3 convolution (k in 1, 2, 3) that keeps the spatial size; k = 2 is zero-padded at the start of each axis
+    only, k = 3 on both sides, as in the reference."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        if kernel_size not in (1, 2, 3):
+            raise ValueError(f"kernel sizes must be 1, 2 or 3, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=1 if kernel_size == 3 else 0)
+        self.front_pad = kernel_size == 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, ::2, ::2, ::2]
+        if self.front_pad:
+            x = F.pad(x, (1, 0, 1, 0, 1, 0))
+        return self._conv_forward(x, self.weight, self.bias)
 
 
-class LevelUp(nn.Module):
-    """Nearest x2 upsampling, then a 1x1 projection when the width changes: (B, C_in, d, h, w) -> (B, C_out, 2d, 2h, 2w)."""
+class ConvStack(nn.Module):
+    """GELU -> 1x1 (in -> hidden) -> GELU -> k^3 -> GELU -> k^3 -> GELU: (B, in, D, H, W) -> (B, hidden, D, H, W),
+    the trunk shared by residual blocks, priors and posteriors (its output is the activated input of their
+    last 1x1 convolutions)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
         super().__init__()
-        self.proj = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv3d(in_channels, hidden_channels, 1),
+                Conv3dSame(hidden_channels, hidden_channels, kernel_size),
+                Conv3dSame(hidden_channels, hidden_channels, kernel_size),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        for conv in self.convs:
+            x = conv(F.gelu(x))
+        return F.gelu(x)
+
+
+def _scale_weight(conv: nn.Conv3d, factor: float) -> None:
+    with torch.no_grad():
+        conv.weight.mul_(factor)
 
 
 class ResBlock(nn.Module):
@@ -138,37 +194,18 @@ class ResBlock(nn.Module):
         kernel_size: k, one of 1, 2, 3.
         residual: add the input (identity, or a 1x1 projection when C_in != C_out).
         last_scale: multiplies the initial weights of the last convolution (sqrt(1/depth) in the VAE).
-        zero_last: zero-initialise the last convolution (used for heads that must start at zero).
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        hidden_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        residual: bool = True,
-        last_scale: float = 1.0,
-        zero_last: bool = False,
+        self, in_channels: int, hidden_channels: int, out_channels: int, kernel_size: int, residual: bool = True, last_scale: float = 1.0
     ) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
-            [
-                nn.Conv3d(in_channels, hidden_channels, 1),
-                _conv(hidden_channels, hidden_channels, kernel_size),
-                _conv(hidden_channels, hidden_channels, kernel_size),
-                nn.Conv3d(hidden_channels, out_channels, 1),
-            ]
-        )
-        self.skip: nn.Module | None = None
+        self.stack = ConvStack(in_channels, hidden_channels, kernel_size)
+        self.out = nn.Conv3d(hidden_channels, out_channels, 1)
+        self.skip: Optional[nn.Module] = None
         if residual:
             self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
-        last = self.convs[-1]
-        with torch.no_grad():
-            if zero_last:
-                last.weight.zero_()
-            else:
-                last.weight.mul_(last_scale)
+        _scale_weight(self.out, last_scale)
         self.activation_checkpointing = False  # set by VDVAE.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,96 +214,30 @@ class ResBlock(nn.Module):
                 return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-    def _last_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The activated input of the last convolution (B, hidden, D, H, W)."""
-        h = x
-        for i, conv in enumerate(self.convs):
-            if i < 3:
-                h = conv(F.gelu(h))
-        return F.gelu(h)
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.convs[3](self._last_input(x))
+        h = self.out(self.stack(x))
         if self.skip is not None:
             h = h + self.skip(x)
         return h
 
-    def forward_split(self, x: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
-        """The output of a block without skip, as channel groups of ``sizes`` [(B, n, D, H, W)]: the same numbers
-        as ``forward(x).split(sizes, 1)``, but each group is computed by its own slice of the last convolution's
-        weights, so every group is a dense tensor in the input's memory format. Channel slices of a channels-last
-        tensor are not dense: PyTorch's elementwise kernels run slowly on them, and their gradients are assembled
-        by slow strided copies."""
-        if self.skip is not None:
-            raise ValueError("forward_split is for blocks without a skip connection")
-        h = self._last_input(x)
-        last = self.convs[3]
-        weight, bias = last.weight, last.bias
-        assert bias is not None
-        outputs: List[torch.Tensor] = []
-        start = 0
-        for n in sizes:
-            outputs.append(F.conv3d(h, weight[start : start + n], bias[start : start + n]))
-            start += n
-        return outputs
 
+class _LatentBlock(nn.Module):
+    """What both kinds of latent group share: scale parameterisation, temperature mode and checkpointing."""
 
-class TopDownBlock(nn.Module):
-    """One latent group: prior p(z | h), posterior q(z | x, h), and h <- h + proj(z) + prior_skip.
-
-    Scales are ``lo + (hi - lo) * sigmoid(raw)`` with ``(lo, hi) = scale_bounds``. The top block of the
-    hierarchy (``unconditional_prior=True``) has the prior N(0, I) and a posterior from the encoder alone.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        encoder_channels: int,
-        hidden_channels: int,
-        latent_channels: int,
-        kernel_size: int,
-        last_scale: float,
-        scale_bounds: tuple[float, float],
-        unconditional_prior: bool = False,
-    ) -> None:
+    def __init__(self, latent_channels: int, scale_bounds: Tuple[float, float], temperature_mode: str) -> None:
         super().__init__()
         self.latent_channels = latent_channels
         self.scale_lo, self.scale_hi = float(scale_bounds[0]), float(scale_bounds[1])
-        posterior_in = encoder_channels if unconditional_prior else encoder_channels + channels
-        self.posterior = ResBlock(posterior_in, hidden_channels, 2 * latent_channels, kernel_size, residual=False)
-        self.prior: Optional[ResBlock] = None
-        if not unconditional_prior:
-            self.prior = ResBlock(
-                channels, hidden_channels, 2 * latent_channels + channels, kernel_size, residual=False, zero_last=True
-            )
-        self.z_proj = nn.Conv3d(latent_channels, channels, 1)
-        with torch.no_grad():
-            self.z_proj.weight.mul_(last_scale)
+        self.temperature_mode = temperature_mode
         self.activation_checkpointing = False  # set by VDVAE.set_activation_checkpointing
 
     def _scale(self, raw: torch.Tensor) -> torch.Tensor:
         return self.scale_lo + (self.scale_hi - self.scale_lo) * torch.sigmoid(raw)
 
-    def prior_params(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prior mean and scale (B, Z, d, h, w) and the skip (B, C, d, h, w) added to the decoder state."""
-        if self.prior is None:
-            zeros = h.new_zeros([h.shape[0], self.latent_channels, h.shape[2], h.shape[3], h.shape[4]])
-            return zeros, torch.ones_like(zeros), torch.zeros_like(h)
-        z = self.latent_channels
-        mu, raw_scale, skip = self.prior.forward_split(h, [z, z, h.shape[1]])
-        return mu, self._scale(raw_scale), skip
-
-    def posterior_params(self, h: torch.Tensor, lateral: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and scale (B, Z, d, h, w) from the encoder's lateral activation and the state h."""
-        inp = lateral if self.prior is None else torch.cat([lateral, h], dim=1)
-        z = self.latent_channels
-        mu, raw_scale = self.posterior.forward_split(inp, [z, z])
-        return mu, self._scale(raw_scale)
-
     def forward(
         self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (new h (B, C, d, h, w), KL of this group per volume (B,), float32; zeros when the posterior
+        """Returns (new h (B, C_out, d, h, w), KL of this group per volume (B,), float32; zeros when the posterior
         is not used). With ``activation_checkpointing`` in training, the block's activations are recomputed in
         the backward pass (same noise: the RNG state is restored) instead of being stored."""
         if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
@@ -277,39 +248,136 @@ class TopDownBlock(nn.Module):
     def _forward(
         self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        mu_p, scale_p, skip = self.prior_params(h)
+        raise NotImplementedError
+
+
+class TopLatentBlock(_LatentBlock):
+    """The top latent group (1^3): prior N(0, I), posterior q(z | x) from the encoder's top activation alone;
+    its output conv_z(z) (B, C_out, 1, 1, 1) starts the decoder state (``h`` is only read for its shape)."""
+
+    def __init__(
+        self, encoder_channels: int, hidden_channels: int, latent_channels: int, out_channels: int, kernel_size: int,
+        scale_bounds: Tuple[float, float], temperature_mode: str,
+    ) -> None:
+        super().__init__(latent_channels, scale_bounds, temperature_mode)
+        self.posterior = ConvStack(encoder_channels, hidden_channels, kernel_size)
+        self.posterior_mean = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.posterior_scale = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.z_proj = nn.Conv3d(latent_channels, out_channels, 1)
+
+    def _forward(
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         if use_posterior:
-            mu_q, scale_q = self.posterior_params(h, lateral)
+            feats = self.posterior(lateral)
+            mu_q, scale_q = self.posterior_mean(feats), self._scale(self.posterior_scale(feats))
+            ones = torch.ones_like(mu_q)
+            kl = gaussian_kl_per_volume(mu_q, scale_q, torch.zeros_like(mu_q), ones)
+            z = _draw(mu_q, scale_q, sample, 1.0, "latent")
+        else:
+            shape = [h.shape[0], self.latent_channels, h.shape[2], h.shape[3], h.shape[4]]
+            zeros = torch.zeros(shape, dtype=torch.float32, device=h.device)
+            kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+            z = _draw(zeros, torch.ones_like(zeros), sample, temperature, self.temperature_mode)
+        return self.z_proj(z.to(h.dtype)), kl
+
+
+class TopDownBlock(_LatentBlock):
+    """One latent group below the top: prior p(z | h), posterior q(z | x, h), and
+    h <- conv_z(z) + prior_skip + skip(h), where skip is the identity, or a 1x1 convolution (with PyTorch's default
+    bias initialisation) when the group changes the width from C_in to C_out (the first group after upsampling).
+
+    Prior and posterior are a :class:`ConvStack` on h, respectively on concat(encoder lateral, h), each followed by
+    1x1 heads (mean, raw scale; the prior also a skip head to the state). The prior's heads start at zero. Scales are
+    ``lo + (hi - lo) * sigmoid(raw)`` with ``(lo, hi) = scale_bounds``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, encoder_channels: int, hidden_channels: int, latent_channels: int,
+        kernel_size: int, scale_bounds: Tuple[float, float], temperature_mode: str,
+    ) -> None:
+        super().__init__(latent_channels, scale_bounds, temperature_mode)
+        self.prior = ConvStack(in_channels, hidden_channels, kernel_size)
+        self.prior_mean = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.prior_scale = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.prior_skip = nn.Conv3d(hidden_channels, out_channels, 1)
+        self.posterior = ConvStack(encoder_channels + in_channels, hidden_channels, kernel_size)
+        self.posterior_mean = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.posterior_scale = nn.Conv3d(hidden_channels, latent_channels, 1)
+        self.z_proj = nn.Conv3d(latent_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+        for head in (self.prior_mean, self.prior_scale, self.prior_skip):
+            _scale_weight(head, 0.0)
+
+    def _forward(
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        prior = self.prior(h)
+        mu_p, scale_p = self.prior_mean(prior), self._scale(self.prior_scale(prior))
+        if use_posterior:
+            feats = self.posterior(torch.cat([lateral, h], dim=1))
+            mu_q, scale_q = self.posterior_mean(feats), self._scale(self.posterior_scale(feats))
             kl = gaussian_kl_per_volume(mu_q, scale_q, mu_p, scale_p)
-            # mu + scale * noise in float32, then the state's dtype
-            z = torch.addcmul(mu_q.float(), scale_q.float(), standard_normal_like(mu_q)) if sample else mu_q
+            z = _draw(mu_q, scale_q, sample, 1.0, "latent")
         else:
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = torch.addcmul(mu_p.float(), scale_p.float(), standard_normal_like(mu_p), value=temperature) if sample else mu_p
-        z = z.to(h.dtype)
-        return h + skip + self.z_proj(z), kl
+            z = _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
+        return self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h), kl
+
+
+class Subsample(nn.Module):
+    """Nearest subsampling by 2 per axis (even-index voxels): (B, C, D, H, W) -> (B, C, D/2, H/2, W/2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::2, ::2, ::2]
+
+
+class Upsample(nn.Module):
+    """Nearest x2 upsampling: (B, C, d, h, w) -> (B, C, 2d, 2h, 2w)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class OutputHead(nn.Module):
+    """GELU -> 1x1 convolution to 2 x C channels: (B, C_dec, R, R, R) -> (B, 2C, R, R, R), mean channels first."""
+
+    def __init__(self, in_channels: int, image_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, 2 * image_channels, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.gelu(h))
 
 
 class VDVAE(nn.Module):
     """3D very deep VAE for single-channel volumes of ``resolution``^3 voxels scaled to [-1, 1].
+
+    The defaults are the reference's: with the reference's per-level lists, this is the reference's model, parameter
+    for parameter (``scripts.reference`` converts its checkpoints). Options that depart from it say so.
 
     Args:
         resolution: voxels per axis, a power of two >= 2.
         channels: encoder block output widths per level (k+1 entries, full resolution first).
         channels_hidden: encoder bottleneck widths per level.
         channels_top_down: decoder state widths per level.
-        channels_hidden_top_down: decoder bottleneck widths per level.
+        channels_hidden_top_down: decoder bottleneck widths per level (priors, posteriors, residual blocks).
         channels_per_latent: latent channels per group at each level (capped by the decoder width there).
-        latent_feature_maps_per_resolution: number of latent groups at each level (>= 1 at the 1^3 level).
+        latent_feature_maps_per_resolution: number of latent groups at each level (>= 1 everywhere).
         kernel_sizes_bottom_up: encoder kernel size (1, 2 or 3) per level.
         kernel_sizes_top_down: decoder kernel size (1, 2 or 3) per level.
         in_channels: image channels (1 for the reference model).
-        convolutional_downsampling: stride-2 convolutions instead of nearest subsampling in the encoder.
+        convolutional_downsampling: stride-2 2^3 convolutions instead of nearest subsampling in the encoder.
         scale_hidden_clamp_bounds: [lo, hi] of the latent scales.
         scale_output_clamp_bounds: [lo, hi] of the per-voxel output scale.
         output_activation_function: "tanh" (reference) or "identity" for the output mean.
         predict_x_scale: learn the per-voxel output scale; when false it is fixed at ``fixed_x_scale``.
         fixed_x_scale: output scale used when ``predict_x_scale`` is false.
+        temperature_mode: how a sampling temperature T acts on each prior draw: "latent" (reference) multiplies the
+            whole latent, z = T * (mu_p + sigma_p * eps), so T -> 0 shrinks every latent to 0; "std" (Child 2021)
+            scales only the spread, z = mu_p + T * sigma_p * eps, so T -> 0 follows the prior means.
+        full_resolution_residual: give the decoder's full-resolution residual blocks an identity skip and the depth
+            scaling of every other block (the reference has neither there; False).
         activation_checkpointing: in training, store only the input of each residual block and latent group
             and recompute the rest in the backward pass: a fraction of the memory for 20-80% more time
             (see docs/performance.md). Has no effect on results, evaluation or sampling.
@@ -333,10 +401,13 @@ class VDVAE(nn.Module):
         output_activation_function: str = "tanh",
         predict_x_scale: bool = True,
         fixed_x_scale: float = 0.1,
+        temperature_mode: str = "latent",
+        full_resolution_residual: bool = False,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        lists = dict(
+        validate_architecture(
+            resolution,
             channels=channels,
             channels_hidden=channels_hidden,
             channels_top_down=channels_top_down,
@@ -346,9 +417,10 @@ class VDVAE(nn.Module):
             kernel_sizes_bottom_up=kernel_sizes_bottom_up,
             kernel_sizes_top_down=kernel_sizes_top_down,
         )
-        validate_architecture(resolution, **lists)
         if output_activation_function not in ("tanh", "identity"):
             raise ValueError(f"output_activation_function must be 'tanh' or 'identity', got {output_activation_function!r}")
+        if temperature_mode not in TEMPERATURE_MODES:
+            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
         for name, bounds in (("scale_hidden_clamp_bounds", scale_hidden_clamp_bounds), ("scale_output_clamp_bounds", scale_output_clamp_bounds)):
             if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
                 raise ValueError(f"{name} must be [lo, hi] with 0 < lo < hi, got {list(bounds)}")
@@ -358,70 +430,83 @@ class VDVAE(nn.Module):
         self.output_tanh = output_activation_function == "tanh"
         self.predict_x_scale = bool(predict_x_scale)
         self.fixed_x_scale = float(fixed_x_scale)
+        self.temperature_mode = temperature_mode
         self.out_lo, self.out_hi = float(scale_output_clamp_bounds[0]), float(scale_output_clamp_bounds[1])
-        hidden_bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
-        depth = sum(latent_feature_maps_per_resolution) + 2 * self.num_levels
+        self.top_channels = channels_top_down[-1]
+        # init scaling of the last convolution of residual blocks, as in the reference
+        depth = sum(latent_feature_maps_per_resolution) + 2 * (self.num_levels - 1)
         last_scale = math.sqrt(1.0 / depth)
 
-        # ---- encoder (bottom-up) ----
-        self.encoder_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
-        self.encoder_levels = nn.ModuleList()
-        self.downsamplers = nn.ModuleList()
+        self.encoder_levels, self.downsamplers = self._build_encoder(
+            channels, channels_hidden, kernel_sizes_bottom_up, convolutional_downsampling, last_scale
+        )
+        self.group_levels: List[int] = []  # level index of each latent group, top first (0 = full resolution)
+        self.decoder_upsamplers = nn.ModuleList()  # per group: Upsample when it starts a level below the top
+        self.decoder_blocks = nn.ModuleList()  # TopLatentBlock, then TopDownBlocks
+        self.decoder_resblocks = nn.ModuleList()
+        self._build_decoder(
+            channels,
+            channels_top_down,
+            channels_hidden_top_down,
+            channels_per_latent,
+            latent_feature_maps_per_resolution,
+            kernel_sizes_top_down,
+            (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1])),
+            last_scale,
+            full_resolution_residual,
+        )
+        self.output_head = OutputHead(channels_top_down[0], in_channels)
+        self._zero_biases()
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def _build_encoder(self, channels, hidden, kernels, convolutional_downsampling: bool, last_scale: float):
+        """Two residual blocks per level, the first changing the width (1x1 skip), then subsampling."""
+        levels, downsamplers = nn.ModuleList(), nn.ModuleList()
         for i in range(self.num_levels):
-            c_in = channels[max(i - 1, 0)]
-            k = kernel_sizes_bottom_up[i]
-            self.encoder_levels.append(
+            c_in = self.in_channels if i == 0 else channels[i - 1]
+            levels.append(
                 nn.Sequential(
-                    ResBlock(c_in, channels_hidden[i], channels[i], k, last_scale=last_scale),
-                    ResBlock(channels[i], channels_hidden[i], channels[i], k, last_scale=last_scale),
+                    ResBlock(c_in, hidden[i], channels[i], kernels[i], last_scale=last_scale),
+                    ResBlock(channels[i], hidden[i], channels[i], kernels[i], last_scale=last_scale),
                 )
             )
             if i == self.num_levels - 1:
-                self.downsamplers.append(nn.Identity())
+                downsamplers.append(nn.Identity())
             elif convolutional_downsampling:
-                self.downsamplers.append(nn.Conv3d(channels[i], channels[i], 2, stride=2))
+                downsamplers.append(nn.Conv3d(channels[i], channels[i], 2, stride=2))
             else:
-                self.downsamplers.append(Subsample())
+                downsamplers.append(Subsample())
+        return levels, downsamplers
 
-        # ---- decoder (top-down), from the 1^3 level to full resolution ----
-        self.decoder_blocks = nn.ModuleList()  # TopDownBlock per latent group, top first
-        self.decoder_resblocks = nn.ModuleList()
-        self.decoder_transitions = nn.ModuleList()  # LevelUps since the previous group (empty: same level)
-        self.group_levels: List[int] = []  # level index of each group (0 = full resolution)
+    def _build_decoder(
+        self, channels, channels_top_down, hidden, per_latent, groups, kernels, bounds, last_scale: float, full_res_residual: bool
+    ) -> None:
+        """Latent groups and residual blocks from the 1^3 level down to full resolution."""
         top = self.num_levels - 1
-        pending: list[nn.Module] = []
+        c_state = channels_top_down[top]
         for i in range(top, -1, -1):
             c = channels_top_down[i]
-            if i < top:
-                pending.append(LevelUp(channels_top_down[i + 1], c))
-            z_ch = min(channels_per_latent[i], c)
-            for j in range(latent_feature_maps_per_resolution[i]):
-                self.decoder_transitions.append(nn.Sequential(*pending))
-                pending = []
-                self.decoder_blocks.append(
-                    TopDownBlock(
-                        c,
-                        channels[i],
-                        channels_hidden_top_down[i],
-                        z_ch,
-                        kernel_sizes_top_down[i],
-                        last_scale,
-                        hidden_bounds,
-                        unconditional_prior=(i == top and j == 0),
-                    )
-                )
-                self.decoder_resblocks.append(
-                    ResBlock(c, channels_hidden_top_down[i], c, kernel_sizes_top_down[i], last_scale=last_scale)
-                )
+            z_ch = min(per_latent[i], c)
+            residual = i > 0 or full_res_residual
+            for j in range(groups[i]):
+                self.decoder_upsamplers.append(Upsample() if (i < top and j == 0) else nn.Identity())
+                if i == top and j == 0:
+                    block: nn.Module = TopLatentBlock(channels[i], hidden[i], z_ch, c, kernels[i], bounds, self.temperature_mode)
+                else:
+                    block = TopDownBlock(c_state, c, channels[i], hidden[i], z_ch, kernels[i], bounds, self.temperature_mode)
+                self.decoder_blocks.append(block)
+                self.decoder_resblocks.append(ResBlock(c, hidden[i], c, kernels[i], residual=residual, last_scale=last_scale if residual else 1.0))
                 self.group_levels.append(i)
-        self.final_transition = nn.Sequential(*pending)  # up to full resolution after the last group
-        self.top_channels = channels_top_down[top]
-        self.output_head = nn.Conv3d(channels_top_down[0], 2 * in_channels, 1)
+                c_state = c
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        self.set_activation_checkpointing(activation_checkpointing)
+    def _zero_biases(self) -> None:
+        """Every convolution bias starts at zero except the 1x1 width changes of the latent groups (the reference's
+        ``skip_con_conv``), which keep PyTorch's default initialisation."""
+        kept = {id(b.skip.bias) for b in self.decoder_blocks if isinstance(b, TopDownBlock) and isinstance(b.skip, nn.Conv3d)}
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv3d) and m.bias is not None and id(m.bias) not in kept:
+                    m.bias.zero_()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Checkpoint every encoder residual block, latent group and decoder residual block (not nested)."""
@@ -443,6 +528,15 @@ class VDVAE(nn.Module):
         """Number of latent dimensions (channels x voxels) of each group, top first."""
         return [b.latent_channels * r**3 for b, r in zip(self.decoder_blocks, self.group_resolutions())]
 
+    def clipping_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """The parameters whose gradient norms the reference clips separately: encoder, decoder (latent groups and
+        residual blocks) and output head."""
+        return {
+            "encoder": list(self.encoder_levels.parameters()) + list(self.downsamplers.parameters()),
+            "decoder": list(self.decoder_blocks.parameters()) + list(self.decoder_resblocks.parameters()),
+            "output_head": list(self.output_head.parameters()),
+        }
+
     def _check_input(self, x: torch.Tensor) -> None:
         r = self.resolution
         if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != r or x.shape[3] != r or x.shape[4] != r:
@@ -450,7 +544,7 @@ class VDVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Lateral activations per level, full resolution first: [(B, channels[i], R/2^i, ...)]."""
-        h = self.encoder_in(x)
+        h = x
         laterals: List[torch.Tensor] = []
         for level, down in zip(self.encoder_levels, self.downsamplers):
             h = level(h)
@@ -480,14 +574,14 @@ class VDVAE(nn.Module):
         """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
         ``laterals``; the rest use the prior. Returns (mean, scale) of the output Gaussian (B, C, R, R, R) and
         the per-volume KL of every group [(B,)] (zero for prior groups)."""
-        ref = self.output_head.weight
+        ref = self.output_head.conv.weight
         h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
         if laterals is not None:
             h = h.to(laterals[-1].dtype)
         kls: List[torch.Tensor] = []
         g = 0
-        for transition, block, res in zip(self.decoder_transitions, self.decoder_blocks, self.decoder_resblocks):
-            h = transition(h)
+        for upsample, block, res in zip(self.decoder_upsamplers, self.decoder_blocks, self.decoder_resblocks):
+            h = upsample(h)
             if laterals is not None and g < posterior_groups:
                 h, kl = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0)
             else:
@@ -495,7 +589,6 @@ class VDVAE(nn.Module):
             kls.append(kl)
             h = res(h)
             g += 1
-        h = self.final_transition(h)
         mean, scale = self._output(h)
         return mean, scale, kls
 
@@ -514,8 +607,8 @@ class VDVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator_seed: int | None = None) -> torch.Tensor:
-        """Output means of ``n`` samples (n, C, R, R, R). Each prior draws z ~ N(mu_p, (T * sigma_p)^2): the
-        temperature scales only the standard deviation (Child 2021), so T -> 0 follows the prior means."""
+        """Output means of ``n`` samples (n, C, R, R, R), every latent drawn from its prior at ``temperature``
+        as ``temperature_mode`` says."""
         if n <= 0:
             raise ValueError(f"number of samples must be positive, got {n}")
         if temperature <= 0:
@@ -574,10 +667,9 @@ def validate_architecture(resolution: int, **lists: Sequence[int]) -> None:
             )
         if any((not isinstance(v, int)) or v < 0 for v in values):
             raise ValueError(f"{name} must hold non-negative integers, got {list(values)}")
-        if name != "latent_feature_maps_per_resolution" and any(v < 1 for v in values):
-            raise ValueError(f"{name} entries must be >= 1, got {list(values)}")
-    if lists["latent_feature_maps_per_resolution"][-1] < 1:
-        raise ValueError("latent_feature_maps_per_resolution must have at least 1 group at the 1^3 level (its last entry)")
+        if any(v < 1 for v in values):
+            hint = " (every level needs a latent group: the first one at a level changes the decoder width)" if name == "latent_feature_maps_per_resolution" else ""
+            raise ValueError(f"{name} entries must be >= 1{hint}, got {list(values)}")
     bad = [k for k in list(lists["kernel_sizes_bottom_up"]) + list(lists["kernel_sizes_top_down"]) if k not in (1, 2, 3)]
     if bad:
         raise ValueError(f"kernel_sizes_bottom_up / kernel_sizes_top_down entries must be 1, 2 or 3, got {bad}")

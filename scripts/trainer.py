@@ -8,7 +8,7 @@ import contextlib
 import ctypes
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,16 +63,24 @@ def configure_allocator(lean_memory: bool) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, keep)) and bool(libc.mallopt(m_trim_threshold, keep))
 
 
-def backward_and_clip(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip: float) -> float:
+def backward_and_clip(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip: float,
+    groups: Mapping[str, Sequence[nn.Parameter]] | None = None,
+) -> dict[str, float]:
     """Backward pass of ``loss`` (scaled and then unscaled when ``scaler`` is given, i.e. under float16), then
-    clipping of the gradient norm of ``optimizer``'s parameters to ``clip``; returns the norm before clipping."""
+    clipping of the gradient norm to ``clip`` separately for each of ``groups`` (name -> parameters; default: one
+    group "all" of ``optimizer``'s parameters). Returns each group's norm before clipping."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if groups is None:
+        groups = {"all": [p for g in optimizer.param_groups for p in g["params"]]}
+    return {name: float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)) for name, params in groups.items()}
 
 
 class AmpEvaluator(SupervisedEvaluator):
@@ -107,31 +115,39 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
 
 
 class GradientSkipper:
-    """Decides whether to skip an update from its gradient norm, in a way that cannot stall training.
+    """Decides whether to skip an update from its gradient norm (the largest of the per-part norms).
 
-    An update is skipped when its norm is not finite, or when it exceeds
-    ``gradient_skip_factor * median of the last `window` finite norms`` (once ``warmup`` norms have been seen;
-    before that, and whenever ``gradient_skip_factor`` is 0, the fixed ``gradient_skipping_value``). Every finite norm, skipped or not, enters the window, so a lasting rise of the norm raises the threshold
-    within ``window / 2`` steps instead of skipping forever (the failure of a fixed threshold). After ``max_consecutive_skips`` skips in a row a
-    RuntimeError says so. ``gradient_skip_factor`` = 0 keeps only the fixed threshold (reference behaviour),
-    which is still bounded by ``max_consecutive_skips``.
+    Reference rule (``gradient_skip_factor`` = 0, the default): skip when the norm is >= ``gradient_skipping_value``
+    (1e12) or not finite, but never a finite one in the first ``warmup_iterations - 1`` iterations (50 -> iterations
+    1-49). The reference also applies non-finite updates in those iterations, which turns every weight into NaN; here
+    a non-finite update is always skipped.
+
+    Adaptive rule (``gradient_skip_factor`` > 0, this bundle's option): also skip when the norm exceeds
+    ``gradient_skip_factor * median of the last `window` finite norms`` (once ``min_window`` norms have been seen).
+    Every finite norm, skipped or not, enters the window, so a lasting rise of the norm raises the threshold within
+    ``window / 2`` steps instead of skipping forever (the failure of a fixed threshold).
+
+    Either way, after ``max_consecutive_skips`` skips in a row a RuntimeError says so.
     """
 
     def __init__(
         self,
         gradient_skipping_value: float = 1e12,
-        gradient_skip_factor: float = 10.0,
+        gradient_skip_factor: float = 0.0,
+        warmup_iterations: int = 50,
         window: int = 100,
-        warmup: int = 20,
+        min_window: int = 20,
         max_consecutive_skips: int = 50,
     ) -> None:
-        if gradient_skipping_value <= 0 or gradient_skip_factor < 0 or window < 1 or max_consecutive_skips < 1:
+        if gradient_skipping_value <= 0 or gradient_skip_factor < 0 or window < 1 or max_consecutive_skips < 1 or warmup_iterations < 0:
             raise ValueError(
-                "gradient_skipping_value must be > 0, gradient_skip_factor >= 0, window and max_consecutive_skips >= 1"
+                "gradient_skipping_value must be > 0, gradient_skip_factor and warmup_iterations >= 0, window and "
+                "max_consecutive_skips >= 1"
             )
         self.fixed = float(gradient_skipping_value)
         self.factor = float(gradient_skip_factor)
-        self.warmup = int(warmup)
+        self.warmup_iterations = int(warmup_iterations)
+        self.min_window = int(min_window)
         self.max_consecutive = int(max_consecutive_skips)
         self.norms: deque[float] = deque(maxlen=int(window))
         self.consecutive = 0
@@ -140,13 +156,15 @@ class GradientSkipper:
 
     def threshold(self) -> float:
         """The current norm threshold: adaptive once warmed up, else the fixed value."""
-        if self.factor > 0 and len(self.norms) >= self.warmup:
+        if self.factor > 0 and len(self.norms) >= self.min_window:
             return self.factor * sorted(self.norms)[len(self.norms) // 2]
         return self.fixed
 
-    def should_skip(self, grad_norm: float) -> bool:
+    def should_skip(self, grad_norm: float, iteration: int | None = None) -> bool:
+        """Whether to skip the update of (1-based) ``iteration`` (None: past the warm-up) whose norm is ``grad_norm``."""
         finite = math.isfinite(grad_norm)
-        skip = (not finite) or grad_norm > self.threshold()
+        in_warmup = iteration is not None and iteration < self.warmup_iterations
+        skip = (not finite) or (grad_norm >= self.threshold() and not in_warmup)
         if finite:
             self.norms.append(grad_norm)
         return skip
@@ -221,11 +239,12 @@ class VDVAETrainer(AmpTrainer):
     ``network`` is a module whose forward returns (mean, scale, kl_per_group), i.e. a
     :class:`scripts.networks.VDVAETrainingStep`, possibly wrapped in DistributedDataParallel; ``loss_function``
     is a :class:`scripts.losses.ELBOLoss`. Each iteration: forward under ``amp`` autocast, backward, clip the
-    gradient norm to ``gradient_clipping_value``, skip the update when :class:`GradientSkipper` says so (the
+    gradient norm to ``gradient_clipping_value`` separately for encoder, decoder and output head (as the reference
+    does; ``VDVAE.clipping_groups``), skip the update when :class:`GradientSkipper` says so (the
     decision is all-reduced, so under DDP every rank skips together), step, update the EMA.
 
     ``engine.state.output`` holds ``image``, ``recon`` (posterior-sample output mean), ``loss`` (float) and
-    ``scalars`` (a dict of floats for TensorBoard: loss, ELBO terms, KL per group, gradient norm, skipped
+    ``scalars`` (a dict of floats for TensorBoard: loss, ELBO terms, KL per group, gradient norm per part, skipped
     updates, learning rate).
 
     Args (beyond :class:`AmpTrainer`'s ``amp_mode`` ("none", "bfloat16" on CPU or CUDA, "float16" on CUDA),
@@ -263,8 +282,11 @@ class VDVAETrainer(AmpTrainer):
         terms = engine.loss_function(x, mean, scale, kl, step=engine.state.iteration)
         loss = terms["loss"]
         terms = {k: v.detach() for k, v in terms.items()}
-        grad_norm = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip)
-        skip_local = engine.skipper.should_skip(grad_norm)
+        norms = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip, _unwrap_vae(engine.network).clipping_groups())
+        grad_norm = max(norms.values())  # nan and inf propagate
+        if any(not math.isfinite(n) for n in norms.values()):
+            grad_norm = float("nan")
+        skip_local = engine.skipper.should_skip(grad_norm, engine.state.iteration)
         skip = _all_ranks_agree(skip_local, torch.device(engine.state.device))
         nonfinite = not math.isfinite(grad_norm)
         if engine.scaler is not None:
@@ -287,7 +309,7 @@ class VDVAETrainer(AmpTrainer):
             "neg_elbo_bits_per_voxel": float(terms["neg_elbo_bits"]),
             "nll_nats_per_volume": float(terms["nll"]),
             "kl_nats_per_volume": float(terms["kl"]),
-            "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+            **{f"grad_norm/{name}": norm if math.isfinite(norm) else float("nan") for name, norm in norms.items()},
             "skipped_updates": float(engine.skipper.skipped_total),
             "learning_rate": float(engine.optimizer.param_groups[0]["lr"]),
         }

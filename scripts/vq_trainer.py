@@ -33,7 +33,7 @@ def _image(batch: dict, device, non_blocking: bool, channels_last: bool) -> torc
 def _step(engine: SupervisedTrainer, loss: torch.Tensor) -> float:
     """Backward (scaled under float16), clip to ``engine.clip``, step; returns the gradient norm (the update is
     skipped when it is not finite)."""
-    grad_norm = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip)
+    grad_norm = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip)["all"]
     if engine.scaler is not None:
         engine.scaler.step(engine.optimizer)
         engine.scaler.update()
