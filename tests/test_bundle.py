@@ -128,6 +128,13 @@ def test_presets_reproduce_reference_examples(preset, resolution, batch):
     levels = resolution.bit_length()
     assert parser["channels"] == [20 * (i + 1) for i in range(levels)]
     assert parser["latent_feature_maps_per_resolution"] == [2] + list(range(levels - 1, 0, -1))
+    # the reference's optimisation: Adamax 1e-3, per-part clipping at 100, skip only past 1e12 after 50 iterations,
+    # float32, no EMA, no KL schedule, the reference's temperature and decoder
+    reference = {"learning_rate": 1e-3, "gradient_clipping_value": 100.0, "gradient_skipping_value": 1e12, "gradient_skip_factor": 0.0,
+                 "warmup_iterations": 50, "amp": "none", "ema_decay": 0.0, "beta": 1.0, "kl_warmup_steps": 0, "free_bits": 0.0,
+                 "l2_reg_coeff": 1e-4, "temperature_mode": "latent", "full_resolution_residual": False}
+    assert {k: parser[k] for k in reference} == reference
+    assert parser.get_parsed_content("optimizer#_target_", instantiate=False) == "torch.optim.Adamax"
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, nifti_dir):

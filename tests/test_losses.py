@@ -77,7 +77,7 @@ def test_elbo_decreases_on_tiny_data():
     data = torch.tensor(g.uniform(-1, 1, (4, 1, 8, 8, 8)), dtype=torch.float32)
     data[:, :, 2:6, 2:6, 2:6] = 0.8  # shared structure
     first = None
-    for _ in range(40):
+    for _ in range(80):
         mean, scale, kl = net.forward_train(data)
         out = loss_fn(data, mean, scale, kl)
         opt.zero_grad()
