@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +30,7 @@ __all__ = [
     "VolumeImageLogger",
     "visualise_pipeline",
     "is_main_process",
+    "WallClockSnapshots",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,3 +220,51 @@ def visualise_pipeline(enabled: bool, dataset, output_dir: str, num_examples: in
     path = save_png(montage(np.stack(vols)), os.path.join(folder, "montage.png"))
     logger.info(f"wrote {len(vols)} augmented training examples to {folder}")
     return path
+
+
+class WallClockSnapshots:
+    """Saves the weights at fixed wall-clock times since the trainer started, then stops it after the last one.
+
+    For quality-over-time measurements (``scripts.quality_benchmark``): at the first iteration that ends at or after
+    each of ``times_s`` (seconds, validation included, since a real run spends that time too) it writes
+    ``folder/snapshot_<t>s.pt`` = {"network": state dict, "ema": the EMA's state dict or None, "elapsed_s",
+    "iteration", "epoch", "skipped_updates"}.
+    """
+
+    def __init__(self, times_s, folder: str, network: nn.Module, ema: AveragedModel | None = None) -> None:
+        self.times = sorted(float(t) for t in times_s)
+        if not self.times or self.times[0] <= 0:
+            raise ValueError(f"times_s must be a non-empty list of positive seconds, got {times_s!r}")
+        self.folder, self.network, self.ema = folder, network, ema
+        self.start = 0.0
+        self.written: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, engine: Engine) -> None:
+        elapsed = time.perf_counter() - self.start
+        while len(self.written) < len(self.times) and elapsed >= self.times[len(self.written)]:
+            t = self.times[len(self.written)]
+            path = os.path.join(self.folder, f"snapshot_{t:g}s.pt")
+            os.makedirs(self.folder, exist_ok=True)
+            ema = self.ema.module.state_dict() if self.ema is not None else None
+            torch.save(
+                {
+                    "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+                    "ema": {k: v.detach().cpu() for k, v in ema.items()} if ema is not None else None,
+                    "elapsed_s": elapsed,
+                    "iteration": int(engine.state.iteration),
+                    "epoch": int(engine.state.epoch),
+                    "skipped_updates": int(getattr(engine.state, "skipped_updates", 0)),
+                },
+                path,
+            )
+            self.written.append(path)
+            logger.info(f"snapshot at {elapsed:.0f} s (iteration {engine.state.iteration}): {path}")
+        if len(self.written) == len(self.times):
+            engine.terminate()

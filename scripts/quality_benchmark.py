@@ -1,0 +1,364 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""Sample quality over training time: trains recipes for a wall-clock budget and measures them at fixed times.
+
+    python -m scripts.quality_benchmark                                   # default recipe, 3 seeds, 15 min each, VQ family
+    python -m scripts.quality_benchmark --recipes "['default','ours']" --seeds "[0]" --budget_s 600 --vq False
+
+Each (recipe, seed) trains ``configs/train.json`` with the recipe's overrides on the built-in cohort in a fresh
+process; :class:`scripts.handlers.WallClockSnapshots` saves the weights at ``points`` evenly spaced times up to
+``budget_s`` (wall clock since the trainer started, validation included) and stops the run. Each snapshot is then
+measured, outside the clock, for each temperature mode and temperature:
+
+- held-out negative ELBO (nats/voxel, the run's validation split) and the fraction of skipped updates so far;
+- samples (``num_samples``, seeded): Frechet distance to the training set in the bundle's fixed random-convolution
+  feature space (as ``evaluate.json``; computed on as many samples as there are held-out volumes and averaged over
+  the disjoint groups of that size, so it compares with the held-out figure), mean pairwise MS-SSIM, median RMSE to
+  the nearest training volume, and the mean Dice of each sample's foreground (voxels above -0.8) with the cohort's
+  majority brain mask (as ``scripts.check_samples``). The same figures of the held-out volumes are the targets.
+
+The VQ family (``vq``) trains stage 1 (``configs/vqvae_train.json``) for ``vq_stage1_fraction`` of the budget and
+its autoregressive prior for the rest, with snapshots of the prior at the time points past stage 1.
+
+Writes ``output`` (Markdown table), the same name with ``.json`` (every figure) and a figure of the curves
+(``docs/images/quality_over_time.png``); runs go under ``work_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import fire
+import numpy as np
+import torch
+
+from scripts.check_samples import dice
+from scripts.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = "configs/train.json"
+VQ_STAGE1 = ["configs/vqvae_train.json"]
+VQ_STAGE2 = ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_prior_autoregressive.json"]
+FOREGROUND = -0.8  # the built-in cohort's background is about -0.92
+
+# named recipes: overrides of configs/train.json
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "ours": {"full_resolution_residual": True, "gradient_skip_factor": 10.0, "ema_decay": 0.999},
+    "full_resolution_residual": {"full_resolution_residual": True},
+    "adaptive_skip": {"gradient_skip_factor": 10.0},
+    "ema": {"ema_decay": 0.999},
+}
+
+logger = logging.getLogger("quality_benchmark")
+
+
+# ------------------------------------------------------------------ training (each in its own process)
+def train_run(config_files: str, overrides: str, times_s: str, folder: str) -> None:
+    """Trains ``config_files`` (JSON list) with ``overrides`` (JSON dict) until the last of ``times_s`` (JSON list),
+    saving snapshots into ``folder``."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.handlers import WallClockSnapshots
+
+    workflow = ConfigWorkflow(config_file=json.loads(config_files), workflow_type="train", **json.loads(overrides))
+    workflow.initialize()
+    parser = workflow.parser
+    ema = parser.get_parsed_content("ema") if "ema" in parser else None
+    WallClockSnapshots(json.loads(times_s), folder, parser.get_parsed_content("network"), ema).attach(parser.get_parsed_content("train#trainer"))
+    workflow.run()
+    workflow.finalize()
+
+
+def _launch(config_files: list[str], overrides: dict, times: list[float], folder: str, log: str) -> None:
+    cmd = [sys.executable, "-m", "scripts.quality_benchmark", "train_run", "--config_files", json.dumps(config_files),
+           "--overrides", json.dumps(overrides), "--times_s", json.dumps(times), "--folder", folder]
+    os.makedirs(folder, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({' '.join(cmd)}); see {log}")
+
+
+# ------------------------------------------------------------------ measuring
+class Reference:
+    """The preprocessed training and held-out volumes of a run's split, their features and the cohort mask."""
+
+    def __init__(self, parser, device: str = "cpu") -> None:
+        data = parser.get_parsed_content("data")
+        pre = parser.get_parsed_content("validate#preprocessing")
+        load = lambda files: torch.stack([torch.as_tensor(np.asarray(pre({"image": f})["image"])) for f in files]).float()  # noqa: E731
+        self.train, self.heldout = load(data.train_files), load(data.val_files)
+        self.features = RandomFeatureNet().to(device)
+        with torch.no_grad():
+            train_f = torch.cat([self.features(b) for b in self.train.split(16)])
+        self.mu, self.sd = train_f.mean(0), train_f.std(0, unbiased=False).clamp_min(1e-6)
+        self.train_z = (train_f - self.mu) / self.sd
+        self.mask = ((torch.cat([self.train, self.heldout]) > FOREGROUND).float().mean(0)[0] >= 0.5).numpy()
+        self.ms_params = ms_ssim_parameters(self.train.shape[-1])
+        self.real = self.figures(self.heldout)
+
+    def _z(self, volumes: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (torch.cat([self.features(b) for b in volumes.split(16)]) - self.mu) / self.sd
+
+    def nearest_rmse(self, volumes: torch.Tensor) -> np.ndarray:
+        flat_train = self.train.flatten(1)
+        return np.array([float(((flat_train - v.flatten()) ** 2).mean(1).min().sqrt()) for v in volumes])
+
+    def figures(self, volumes: torch.Tensor) -> dict:
+        """Frechet distance, MS-SSIM diversity, nearest-train RMSE and Dice of (N, 1, R, R, R) volumes."""
+        z, n = self._z(volumes), len(self.heldout)
+        groups = [z[i : i + n] for i in range(0, len(z) - n + 1, n)]
+        return {
+            "frechet_distance": float(np.mean([_frechet(g, self.train_z) for g in groups])),
+            "ms_ssim": mean_pairwise_ms_ssim(volumes[:32], self.ms_params)[0] if self.ms_params else None,
+            "nearest_train_rmse_median": float(np.median(self.nearest_rmse(volumes))),
+            "dice_vs_cohort_mask": float(np.mean([dice(v[0].numpy() > FOREGROUND, self.mask) for v in volumes])),
+        }
+
+
+def _parser(config_files: list[str], overrides: dict):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, c) for c in config_files])
+    parser.update(overrides)
+    return parser
+
+
+def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, num_samples: int, seed: int) -> list[dict]:
+    rows = []
+    for weights in ("network", "ema"):
+        if snapshot.get(weights) is None:
+            continue
+        for mode in modes:
+            parser["temperature_mode"] = mode
+            net = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+            net.load_state_dict(snapshot[weights])
+            net.eval()
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                elbo = float(torch.cat([net.elbo(b)["neg_elbo_nats"] for b in ref.heldout.split(5)]).mean())
+            for t in temperatures:
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    samples = torch.cat([net.sample(min(8, num_samples - i), t) for i in range(0, num_samples, 8)]).float()
+                rows.append({"weights": weights, "temperature_mode": mode, "temperature": t, "heldout_neg_elbo_nats": elbo, **ref.figures(samples)})
+    return rows
+
+
+def measure_vq(generator, ref: Reference, temperatures, num_samples: int, seed: int) -> list[dict]:
+    rows = []
+    for t in temperatures:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            samples = torch.cat([generator.sample(min(8, num_samples - i), t) for i in range(0, num_samples, 8)]).float()
+        rows.append({"weights": "network", "temperature_mode": "-", "temperature": t, "heldout_neg_elbo_nats": None, **ref.figures(samples)})
+    return rows
+
+
+# ------------------------------------------------------------------ report
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def write_report(results: dict, output: str, figure: str) -> None:
+    rows = results["rows"]
+    lines = [
+        "# Sample quality over training time",
+        "",
+        f"Measured by `{results['command']}` ({results['date']}, {results['machine']}). Budget {results['budget_s']:.0f} s of "
+        "training wall clock per run (validation included) on the built-in cohort at 32^3; snapshots measured outside the "
+        f"clock, {results['num_samples']} samples per temperature. Targets (held-out volumes, mean over seeds): "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in results["real"].items())
+        + ". Goal (issue 13): Frechet distance <= 3x held-out, MS-SSIM within 0.1 of held-out, Dice >= 0.8, nearest-train "
+        "RMSE >= held-out. Figures are means over seeds (min-max in brackets where there are several).",
+        "",
+        f"![curves]({os.path.relpath(figure, os.path.dirname(output))})",
+        "",
+        "| family / recipe | weights | T mode | T | time (s) | updates | skipped | held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(r["recipe"], r["weights"], r["temperature_mode"], r["temperature"], r["point"]) for r in rows}, key=str)
+    for recipe, weights, mode, t, point in keys:
+        sel = [r for r in rows if (r["recipe"], r["weights"], r["temperature_mode"], r["temperature"], r["point"]) == (recipe, weights, mode, t, point)]
+
+        def agg(k, d=3):
+            vals = [r[k] for r in sel if r.get(k) is not None]
+            if not vals:
+                return "-"
+            m = _fmt(float(np.mean(vals)), d)
+            return m if len(vals) == 1 else f"{m} [{_fmt(min(vals), d)}-{_fmt(max(vals), d)}]"
+
+        lines.append(
+            f"| {recipe} | {weights} | {mode} | {t:g} | {agg('time_s', 3)} | {agg('iteration')} | {agg('skipped_fraction', 2)} | "
+            f"{agg('heldout_neg_elbo_nats')} | {agg('frechet_distance')} | {agg('ms_ssim')} | {agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} |"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_curves(rows, results["real"], figure)
+
+
+def plot_curves(rows: list[dict], real: dict, path: str) -> str:
+    """Four panels (Frechet distance, MS-SSIM, nearest-train RMSE, Dice) against training time, one line per
+    (family / recipe, weights, temperature mode, temperature), seed means; dashed: the held-out volumes."""
+    from PIL import Image, ImageDraw
+
+    metrics = ["frechet_distance", "ms_ssim", "nearest_train_rmse_median", "dice_vs_cohort_mask", "heldout_neg_elbo_nats"]
+    series: dict[tuple, dict[float, list[dict]]] = {}
+    for r in rows:
+        series.setdefault((r["recipe"], r["weights"], r["temperature_mode"], r["temperature"]), {}).setdefault(r["point"], []).append(r)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    pw, ph, margin = 360, 240, 50
+    legend_h = 16 * len(series) + 10
+    img = Image.new("RGB", (len(metrics) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    tmax = max(r["time_s"] for r in rows) or 1.0
+    for m_i, metric in enumerate(metrics):
+        x0, y0 = margin + m_i * (pw + margin), margin
+        values = [r[metric] for r in rows if r.get(metric) is not None] + ([real[metric]] if real.get(metric) is not None else [])
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1.0
+        fx = lambda t: x0 + pw * t / tmax  # noqa: E731
+        fy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
+        draw.text((x0, y0 - 30), metric.replace("_", " "), fill="black")
+        draw.text((x0 - 45, y0 - 5), _fmt(hi), fill="black")
+        draw.text((x0 - 45, y0 + ph - 10), _fmt(lo), fill="black")
+        draw.text((x0 + pw - 60, y0 + ph + 5), f"{tmax:.0f} s", fill="black")
+        draw.text((x0, y0 + ph + 5), "0 s", fill="black")
+        if real.get(metric) is not None:
+            y = fy(real[metric])
+            for x in range(int(x0), int(x0 + pw), 8):
+                draw.line([x, y, x + 4, y], fill=(90, 90, 90))
+        for s_i, (key, points) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
+            pts = sorted((float(np.mean([r["time_s"] for r in rs])), float(np.mean([r[metric] for r in rs]))) for rs in points.values() if all(r.get(metric) is not None for r in rs))
+            xy = [(fx(t), fy(v)) for t, v in pts]
+            colour = colours[s_i % len(colours)]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for s_i, key in enumerate(sorted(series, key=str)):
+        y = ph + 2 * margin + 16 * s_i
+        draw.rectangle([margin, y + 4, margin + 20, y + 8], fill=colours[s_i % len(colours)])
+        draw.text((margin + 28, y), f"{key[0]}, {key[1]} weights, T mode {key[2]}, T={key[3]:g}", fill="black")
+    draw.text((margin + 400, ph + 2 * margin), "dashed: held-out volumes", fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
+# ------------------------------------------------------------------ driver
+def main(
+    recipes: str | list[str] = ("default",),
+    seeds: int | list[int] = (0, 1, 2),
+    budget_s: float = 900.0,
+    points: int = 3,
+    temperatures: float | list[float] = (0.3, 0.8, 1.0),
+    temperature_modes: str | list[str] = ("latent", "std"),
+    num_samples: int = 30,
+    vq: bool = True,
+    vq_stage1_fraction: float = 0.4,
+    vq_temperatures: float | list[float] = (1.0,),
+    vq_num_samples: int = 10,
+    work_dir: str = "runs/quality",
+    output: str = "docs/quality.md",
+    figure: str = "docs/images/quality_over_time.png",
+    extra_recipes: dict | None = None,
+) -> dict:
+    """Runs every (recipe, seed) and the VQ family, measures the snapshots, writes the report (see module doc)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    as_list = lambda v: [v] if isinstance(v, (int, float, str)) else list(v)  # noqa: E731
+    recipes, seeds, temperatures = as_list(recipes), [int(s) for s in as_list(seeds)], [float(t) for t in as_list(temperatures)]
+    modes, vq_temperatures = as_list(temperature_modes), [float(t) for t in as_list(vq_temperatures)]
+    known = {**RECIPES, **(extra_recipes or {})}
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; known: {sorted(known)} (or pass --extra_recipes)")
+    if points < 1 or budget_s <= 0 or num_samples < 2:
+        raise ValueError("points >= 1, budget_s > 0 and num_samples >= 2 are required")
+    times = [budget_s * (i + 1) / points for i in range(points)]
+    work_dir = os.path.abspath(work_dir)
+    rows, reals = [], []
+    for seed in seeds:
+        for recipe in recipes:
+            run = os.path.join(work_dir, recipe, f"seed{seed}")
+            overrides = {"output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed, "max_epochs": 100000, "resume": False, **known[recipe]}
+            logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
+            _launch([TRAIN], overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
+            parser = _parser([TRAIN], overrides)
+            ref = Reference(parser)
+            reals.append(ref.real)
+            for i, t in enumerate(times):
+                snap = torch.load(os.path.join(run, "snapshots", f"snapshot_{t:g}s.pt"), weights_only=False)
+                logger.info(f"measuring {recipe}, seed {seed}, {snap['elapsed_s']:.0f} s")
+                common = {"family": "vdvae", "recipe": recipe, "seed": seed, "point": i, "time_s": snap["elapsed_s"], "iteration": snap["iteration"],
+                          "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"])}
+                rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed)]
+        if vq:
+            rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples)
+    real = {k: float(np.mean([r[k] for r in reals])) for k in reals[0]} if reals else {}
+    results = {
+        "command": "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "budget_s": budget_s,
+        "num_samples": num_samples,
+        "real": real,
+        "real_per_seed": reals,
+        "rows": rows,
+    }
+    with open(os.path.splitext(output)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    write_report(results, output, figure)
+    logger.info(f"wrote {output} and {figure}")
+    return results
+
+
+def run_vq(seed: int, times: list[float], stage1_s: float, work_dir: str, temperatures: list[float], num_samples: int) -> list[dict]:
+    """Stage 1 for ``stage1_s``, then the autoregressive prior with snapshots at the time points after it."""
+    from scripts.sampling import load_weights
+    from scripts.vq import VQGenerator
+
+    run = os.path.join(work_dir, "vq", f"seed{seed}")
+    stage1 = {"vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
+    logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
+    _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
+    later = [t - stage1_s for t in times if t > stage1_s]
+    if not later:
+        return []
+    stage2 = {**stage1, "output_dir": os.path.join(run, "prior"), "model_path": os.path.join(run, "prior.pt")}
+    logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
+    _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))
+    parser = _parser(VQ_STAGE2, stage2)
+    ref = Reference(_parser(VQ_STAGE1, stage1))
+    vqvae = load_weights(parser.get_parsed_content("vqvae_def"), stage1["vqvae_path"], "cpu")
+    rows = []
+    for i, t in enumerate(times):
+        if t <= stage1_s:
+            continue
+        snap = torch.load(os.path.join(run, "stage2", f"snapshot_{t - stage1_s:g}s.pt"), weights_only=False)
+        prior = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+        prior.load_state_dict(snap["network"])
+        generator = VQGenerator(vqvae, prior.eval()).eval()
+        logger.info(f"measuring the VQ family, seed {seed}, {t:.0f} s")
+        common = {"family": "vq", "recipe": "VQ-VAE + autoregressive", "seed": seed, "point": i, "time_s": stage1_s + snap["elapsed_s"],
+                  "iteration": snap["iteration"], "skipped_fraction": None}
+        rows += [{**common, **r} for r in measure_vq(generator, ref, temperatures, num_samples, seed)]
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["train_run"]:  # one training run, launched by main()
+        fire.Fire(train_run, command=sys.argv[2:])
+    else:
+        fire.Fire(main)
