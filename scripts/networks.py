@@ -235,19 +235,26 @@ class _LatentBlock(nn.Module):
         return self.scale_lo + (self.scale_hi - self.scale_lo) * torch.sigmoid(raw)
 
     def forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool = True, sample: bool = True, temperature: float = 1.0
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (new h (B, C_out, d, h, w), KL of this group per volume (B,), float32; zeros when the posterior
-        is not used). With ``activation_checkpointing`` in training, the block's activations are recomputed in
-        the backward pass (same noise: the RNG state is restored) instead of being stored."""
+        self,
+        h: torch.Tensor,
+        lateral: torch.Tensor,
+        use_posterior: bool = True,
+        sample: bool = True,
+        temperature: float = 1.0,
+        z_given: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new h (B, C_out, d, h, w), KL of this group per volume (B,), float32, zeros when the posterior
+        is not used, and the latent z (B, Z, d, h, w), float32). Without the posterior, ``z_given`` (when given)
+        replaces the prior draw. With ``activation_checkpointing`` in training, the block's activations are
+        recomputed in the backward pass (same noise: the RNG state is restored) instead of being stored."""
         if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(self._forward, h, lateral, use_posterior, sample, temperature, use_reentrant=False)
-        return self._forward(h, lateral, use_posterior, sample, temperature)
+                return checkpoint(self._forward, h, lateral, use_posterior, sample, temperature, z_given, use_reentrant=False)
+        return self._forward(h, lateral, use_posterior, sample, temperature, z_given)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -266,8 +273,8 @@ class TopLatentBlock(_LatentBlock):
         self.z_proj = nn.Conv3d(latent_channels, out_channels, 1)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if use_posterior:
             feats = self.posterior(lateral)
             mu_q, scale_q = self.posterior_mean(feats), self._scale(self.posterior_scale(feats))
@@ -278,8 +285,8 @@ class TopLatentBlock(_LatentBlock):
             shape = [h.shape[0], self.latent_channels, h.shape[2], h.shape[3], h.shape[4]]
             zeros = torch.zeros(shape, dtype=torch.float32, device=h.device)
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = _draw(zeros, torch.ones_like(zeros), sample, temperature, self.temperature_mode)
-        return self.z_proj(z.to(h.dtype)), kl
+            z = z_given.float() if z_given is not None else _draw(zeros, torch.ones_like(zeros), sample, temperature, self.temperature_mode)
+        return self.z_proj(z.to(h.dtype)), kl, z
 
 
 class TopDownBlock(_LatentBlock):
@@ -310,8 +317,8 @@ class TopDownBlock(_LatentBlock):
             _scale_weight(head, 0.0)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prior = self.prior(h)
         mu_p, scale_p = self.prior_mean(prior), self._scale(self.prior_scale(prior))
         if use_posterior:
@@ -321,8 +328,8 @@ class TopDownBlock(_LatentBlock):
             z = _draw(mu_q, scale_q, sample, 1.0, "latent")
         else:
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
-        return self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h), kl
+            z = z_given.float() if z_given is not None else _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
+        return self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h), kl, z
 
 
 class Subsample(nn.Module):
@@ -562,6 +569,43 @@ class VDVAE(nn.Module):
             scale = torch.full_like(mean, self.fixed_x_scale)
         return mean, scale
 
+    def decode_latents(
+        self,
+        laterals: Optional[List[torch.Tensor]],
+        batch_size: int,
+        posterior_groups: int,
+        sample_posterior: bool = True,
+        sample_prior: bool = True,
+        temperature: float = 1.0,
+        given: Optional[List[torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
+        ``laterals``; the rest use the prior, except that prior group g takes ``given[g]`` as its latent when
+        g < len(given). Returns (mean, scale) of the output Gaussian (B, C, R, R, R), the per-volume KL of every
+        group [(B,)] (zero for prior groups) and every group's latent [(B, Z, r, r, r)]."""
+        ref = self.output_head.conv.weight
+        h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
+        if laterals is not None:
+            h = h.to(laterals[-1].dtype)
+        kls: List[torch.Tensor] = []
+        zs: List[torch.Tensor] = []
+        g = 0
+        for upsample, block, res in zip(self.decoder_upsamplers, self.decoder_blocks, self.decoder_resblocks):
+            h = upsample(h)
+            if laterals is not None and g < posterior_groups:
+                h, kl, z = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0, None)
+            else:
+                z_given: Optional[torch.Tensor] = None
+                if given is not None and g < len(given):
+                    z_given = given[g]
+                h, kl, z = block(h, h, False, sample_prior, temperature, z_given)
+            kls.append(kl)
+            zs.append(z)
+            h = res(h)
+            g += 1
+        mean, scale = self._output(h)
+        return mean, scale, kls, zs
+
     def decode(
         self,
         laterals: Optional[List[torch.Tensor]],
@@ -571,25 +615,8 @@ class VDVAE(nn.Module):
         sample_prior: bool = True,
         temperature: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-        """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
-        ``laterals``; the rest use the prior. Returns (mean, scale) of the output Gaussian (B, C, R, R, R) and
-        the per-volume KL of every group [(B,)] (zero for prior groups)."""
-        ref = self.output_head.conv.weight
-        h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
-        if laterals is not None:
-            h = h.to(laterals[-1].dtype)
-        kls: List[torch.Tensor] = []
-        g = 0
-        for upsample, block, res in zip(self.decoder_upsamplers, self.decoder_blocks, self.decoder_resblocks):
-            h = upsample(h)
-            if laterals is not None and g < posterior_groups:
-                h, kl = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0)
-            else:
-                h, kl = block(h, h, False, sample_prior, temperature)
-            kls.append(kl)
-            h = res(h)
-            g += 1
-        mean, scale = self._output(h)
+        """:meth:`decode_latents` without the latents: (mean, scale, KL per group)."""
+        mean, scale, kls, _ = self.decode_latents(laterals, batch_size, posterior_groups, sample_posterior, sample_prior, temperature)
         return mean, scale, kls
 
     # ------------------------------------------------------------------ public API

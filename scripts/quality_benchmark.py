@@ -116,7 +116,7 @@ class Reference:
         groups = [z[i : i + n] for i in range(0, len(z) - n + 1, n)]
         return {
             "frechet_distance": float(np.mean([_frechet(g, self.train_z) for g in groups])),
-            "ms_ssim": mean_pairwise_ms_ssim(volumes[:32], self.ms_params)[0] if self.ms_params else None,
+            "ms_ssim": mean_pairwise_ms_ssim(volumes[:16], self.ms_params)[0] if self.ms_params else None,
             "nearest_train_rmse_median": float(np.median(self.nearest_rmse(volumes))),
             "dice_vs_cohort_mask": float(np.mean([dice(v[0].numpy() > FOREGROUND, self.mask) for v in volumes])),
         }
@@ -131,12 +131,23 @@ def _parser(config_files: list[str], overrides: dict):
     return parser
 
 
-def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, num_samples: int, seed: int) -> list[dict]:
+def _samples(generator, n: int, temperature: float, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return torch.cat([generator.sample(min(8, n - i), temperature) for i in range(0, n, 8)]).float()
+
+
+def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, num_samples: int, seed: int, latent_prior_resolutions=()) -> list[dict]:
+    """Rows per weights (raw, EMA), sampler (the learned priors in each temperature mode; the post-hoc latent prior
+    of the groups <= r^3 for each r of ``latent_prior_resolutions``, finer groups from the learned priors in the
+    first mode) and temperature."""
+    from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+
     rows = []
     for weights in ("network", "ema"):
         if snapshot.get(weights) is None:
             continue
-        for mode in modes:
+        for m_i, mode in enumerate(modes):
             parser["temperature_mode"] = mode
             net = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
             net.load_state_dict(snapshot[weights])
@@ -144,22 +155,22 @@ def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, n
             torch.manual_seed(seed)
             with torch.no_grad():
                 elbo = float(torch.cat([net.elbo(b)["neg_elbo_nats"] for b in ref.heldout.split(5)]).mean())
-            for t in temperatures:
-                torch.manual_seed(seed)
-                with torch.no_grad():
-                    samples = torch.cat([net.sample(min(8, num_samples - i), t) for i in range(0, num_samples, 8)]).float()
-                rows.append({"weights": weights, "temperature_mode": mode, "temperature": t, "heldout_neg_elbo_nats": elbo, **ref.figures(samples)})
+            samplers = [("learned priors", net)]
+            if m_i == 0:
+                samplers += [(f"post-hoc prior <= {r}^3", PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, ref.train, r))) for r in latent_prior_resolutions]
+            for name, generator in samplers:
+                for t in temperatures:
+                    figures = ref.figures(_samples(generator, num_samples, t, seed))
+                    rows.append({"weights": weights, "sampler": name, "temperature_mode": mode, "temperature": t, "heldout_neg_elbo_nats": elbo, **figures})
     return rows
 
 
 def measure_vq(generator, ref: Reference, temperatures, num_samples: int, seed: int) -> list[dict]:
-    rows = []
-    for t in temperatures:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            samples = torch.cat([generator.sample(min(8, num_samples - i), t) for i in range(0, num_samples, 8)]).float()
-        rows.append({"weights": "network", "temperature_mode": "-", "temperature": t, "heldout_neg_elbo_nats": None, **ref.figures(samples)})
-    return rows
+    return [
+        {"weights": "network", "sampler": "autoregressive prior", "temperature_mode": "-", "temperature": t, "heldout_neg_elbo_nats": None,
+         **ref.figures(_samples(generator, num_samples, t, seed))}
+        for t in temperatures
+    ]
 
 
 # ------------------------------------------------------------------ report
@@ -181,12 +192,12 @@ def write_report(results: dict, output: str, figure: str) -> None:
         "",
         f"![curves]({os.path.relpath(figure, os.path.dirname(output))})",
         "",
-        "| family / recipe | weights | T mode | T | time (s) | updates | skipped | held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family / recipe | weights | sampler | T mode | T | time (s) | updates | skipped | held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = sorted({(r["recipe"], r["weights"], r["temperature_mode"], r["temperature"], r["point"]) for r in rows}, key=str)
-    for recipe, weights, mode, t, point in keys:
-        sel = [r for r in rows if (r["recipe"], r["weights"], r["temperature_mode"], r["temperature"], r["point"]) == (recipe, weights, mode, t, point)]
+    keys = sorted({_series(r) + (r["point"],) for r in rows}, key=str)
+    for recipe, weights, sampler, mode, t, point in keys:
+        sel = [r for r in rows if _series(r) + (r["point"],) == (recipe, weights, sampler, mode, t, point)]
 
         def agg(k, d=3):
             vals = [r[k] for r in sel if r.get(k) is not None]
@@ -196,13 +207,17 @@ def write_report(results: dict, output: str, figure: str) -> None:
             return m if len(vals) == 1 else f"{m} [{_fmt(min(vals), d)}-{_fmt(max(vals), d)}]"
 
         lines.append(
-            f"| {recipe} | {weights} | {mode} | {t:g} | {agg('time_s', 3)} | {agg('iteration')} | {agg('skipped_fraction', 2)} | "
+            f"| {recipe} | {weights} | {sampler} | {mode} | {t:g} | {agg('time_s', 3)} | {agg('iteration')} | {agg('skipped_fraction', 2)} | "
             f"{agg('heldout_neg_elbo_nats')} | {agg('frechet_distance')} | {agg('ms_ssim')} | {agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} |"
         )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_curves(rows, results["real"], figure)
+
+
+def _series(r: dict) -> tuple:
+    return (r["recipe"], r["weights"], r["sampler"], r["temperature_mode"], r["temperature"])
 
 
 def plot_curves(rows: list[dict], real: dict, path: str) -> str:
@@ -213,7 +228,7 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     metrics = ["frechet_distance", "ms_ssim", "nearest_train_rmse_median", "dice_vs_cohort_mask", "heldout_neg_elbo_nats"]
     series: dict[tuple, dict[float, list[dict]]] = {}
     for r in rows:
-        series.setdefault((r["recipe"], r["weights"], r["temperature_mode"], r["temperature"]), {}).setdefault(r["point"], []).append(r)
+        series.setdefault(_series(r), {}).setdefault(r["point"], []).append(r)
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     pw, ph, margin = 360, 240, 50
     legend_h = 16 * len(series) + 10
@@ -250,7 +265,7 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     for s_i, key in enumerate(sorted(series, key=str)):
         y = ph + 2 * margin + 16 * s_i
         draw.rectangle([margin, y + 4, margin + 20, y + 8], fill=colours[s_i % len(colours)])
-        draw.text((margin + 28, y), f"{key[0]}, {key[1]} weights, T mode {key[2]}, T={key[3]:g}", fill="black")
+        draw.text((margin + 28, y), f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", fill="black")
     draw.text((margin + 400, ph + 2 * margin), "dashed: held-out volumes", fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
@@ -263,9 +278,10 @@ def main(
     seeds: int | list[int] = (0, 1, 2),
     budget_s: float = 900.0,
     points: int = 3,
-    temperatures: float | list[float] = (0.3, 0.8, 1.0),
+    temperatures: float | list[float] = (0.5, 0.8, 1.0),
     temperature_modes: str | list[str] = ("latent", "std"),
     num_samples: int = 30,
+    latent_prior_resolutions: int | list[int] = (8,),
     vq: bool = True,
     vq_stage1_fraction: float = 0.4,
     vq_temperatures: float | list[float] = (1.0,),
@@ -274,12 +290,16 @@ def main(
     output: str = "docs/quality.md",
     figure: str = "docs/images/quality_over_time.png",
     extra_recipes: dict | None = None,
+    overrides: dict | None = None,
+    vq_overrides: dict | None = None,
 ) -> dict:
-    """Runs every (recipe, seed) and the VQ family, measures the snapshots, writes the report (see module doc)."""
+    """Runs every (recipe, seed) and the VQ family, measures the snapshots, writes the report (see module doc).
+    ``overrides`` apply to every VDVAE run (e.g. ``{"dataset_dir": "/data/t1"}``), ``vq_overrides`` to both VQ stages."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     as_list = lambda v: [v] if isinstance(v, (int, float, str)) else list(v)  # noqa: E731
     recipes, seeds, temperatures = as_list(recipes), [int(s) for s in as_list(seeds)], [float(t) for t in as_list(temperatures)]
     modes, vq_temperatures = as_list(temperature_modes), [float(t) for t in as_list(vq_temperatures)]
+    lp_res = [int(r) for r in as_list(latent_prior_resolutions)]
     known = {**RECIPES, **(extra_recipes or {})}
     unknown = [r for r in recipes if r not in known]
     if unknown:
@@ -292,10 +312,11 @@ def main(
     for seed in seeds:
         for recipe in recipes:
             run = os.path.join(work_dir, recipe, f"seed{seed}")
-            overrides = {"output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed, "max_epochs": 100000, "resume": False, **known[recipe]}
+            run_overrides = {"output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed, "max_epochs": 100000,
+                             "resume": False, **(overrides or {}), **known[recipe]}
             logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
-            _launch([TRAIN], overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
-            parser = _parser([TRAIN], overrides)
+            _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
+            parser = _parser([TRAIN], run_overrides)
             ref = Reference(parser)
             reals.append(ref.real)
             for i, t in enumerate(times):
@@ -303,9 +324,9 @@ def main(
                 logger.info(f"measuring {recipe}, seed {seed}, {snap['elapsed_s']:.0f} s")
                 common = {"family": "vdvae", "recipe": recipe, "seed": seed, "point": i, "time_s": snap["elapsed_s"], "iteration": snap["iteration"],
                           "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"])}
-                rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed)]
+                rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed, lp_res)]
         if vq:
-            rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples)
+            rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {})
     real = {k: float(np.mean([r[k] for r in reals])) for k in reals[0]} if reals else {}
     results = {
         "command": "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:]),
@@ -324,13 +345,15 @@ def main(
     return results
 
 
-def run_vq(seed: int, times: list[float], stage1_s: float, work_dir: str, temperatures: list[float], num_samples: int) -> list[dict]:
+def run_vq(
+    seed: int, times: list[float], stage1_s: float, work_dir: str, temperatures: list[float], num_samples: int, overrides: dict
+) -> list[dict]:
     """Stage 1 for ``stage1_s``, then the autoregressive prior with snapshots at the time points after it."""
     from scripts.sampling import load_weights
     from scripts.vq import VQGenerator
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
-    stage1 = {"vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
+    stage1 = {"vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False, **overrides}
     logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
     _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
     later = [t - stage1_s for t in times if t > stage1_s]

@@ -235,13 +235,15 @@ def test_temperature_mode_definition(monkeypatch, mode):
     T = 0.4
     top, block = net.decoder_blocks[0], net.decoder_blocks[1]
     h0 = torch.zeros(1, net.top_channels, 1, 1, 1)
-    h1, _ = top(h0, h0, False, True, T)
-    torch.testing.assert_close(h1, top.z_proj(torch.full((1, top.latent_channels, 1, 1, 1), T * eps_value)))
+    h1, _, z_top = top(h0, h0, False, True, T)
+    torch.testing.assert_close(z_top, torch.full((1, top.latent_channels, 1, 1, 1), T * eps_value))
+    torch.testing.assert_close(h1, top.z_proj(z_top))
     h = torch.randn(1, 8, 4, 4, 4)
-    out, kl = block(h, h, False, True, T)
+    out, kl, z_drawn = block(h, h, False, True, T)
     feats = block.prior(h)
     mu, sigma = block.prior_mean(feats), block._scale(block.prior_scale(feats))
     z = T * (mu + sigma * eps_value) if mode == "latent" else mu + T * sigma * eps_value
+    torch.testing.assert_close(z_drawn, z)
     torch.testing.assert_close(out, block.z_proj(z) + block.prior_skip(feats) + block.skip(h))
     assert torch.equal(kl, torch.zeros(1))
 

@@ -1,0 +1,92 @@
+# Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
+"""A prior for the coarse latent groups fitted after training (ex-post density estimation, Ghosh et al. 2020).
+
+A VDVAE trained briefly encodes the global shape in latent groups whose learned priors cannot yet produce it: its
+posterior-mean reconstructions are brains while its samples are not. :class:`LatentPCAPrior` fits a low-rank
+Gaussian to the posterior means of the groups at resolutions <= ``down_to_resolution`` over the training volumes;
+:class:`PosthocPriorVDVAE` samples those groups from it and the finer groups from the VDVAE's own priors.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from scripts.networks import VDVAE
+
+__all__ = ["LatentPCAPrior", "PosthocPriorVDVAE"]
+
+
+class LatentPCAPrior(nn.Module):
+    """z = mean + T * (c @ basis), c ~ N(0, I_k): a Gaussian of rank k over the concatenated latents of the top
+    ``len(shapes)`` groups. ``basis`` (k, D) holds the principal directions scaled by their standard deviations.
+
+    Args:
+        shapes: per group (Z, r, r, r), top first.
+        mean: (D,) mean of the flattened latents.
+        basis: (k, D).
+    """
+
+    def __init__(self, shapes: List[List[int]], mean: torch.Tensor, basis: torch.Tensor) -> None:
+        super().__init__()
+        sizes = [int(torch.tensor(s).prod()) for s in shapes]
+        if mean.shape != (sum(sizes),) or basis.dim() != 2 or basis.shape[1] != mean.shape[0]:
+            raise ValueError(f"mean must be ({sum(sizes)},) and basis (k, {sum(sizes)}) for latents of shapes {shapes}")
+        self.shapes = [list(map(int, s)) for s in shapes]
+        self.sizes = sizes
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("basis", basis.float())
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, vae: VDVAE, volumes: torch.Tensor, down_to_resolution: int, rank: int | None = None, batch_size: int = 8) -> "LatentPCAPrior":
+        """Fits to the posterior means of the groups at resolutions <= ``down_to_resolution`` of ``volumes``
+        (N, C, R, R, R); ``rank`` defaults to N - 1 (every direction the data span)."""
+        groups = sum(1 for r in vae.group_resolutions() if r <= down_to_resolution)
+        if groups < 1:
+            raise ValueError(f"down_to_resolution {down_to_resolution} holds no latent group (group resolutions {vae.group_resolutions()})")
+        if len(volumes) < 2:
+            raise ValueError(f"fitting the latent prior needs at least 2 volumes, got {len(volumes)}")
+        vae.eval()
+        rows = []
+        for x in volumes.split(batch_size):
+            _, _, _, zs = vae.decode_latents(vae.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False)
+            rows.append(torch.cat([z.float().flatten(1) for z in zs[:groups]], dim=1))
+        shapes = [list(z.shape[1:]) for z in zs[:groups]]
+        data = torch.cat(rows)
+        mean = data.mean(0)
+        _, s, vt = torch.linalg.svd(data - mean, full_matrices=False)
+        k = min(rank or len(data) - 1, len(s))
+        basis = (s[:k] / (len(data) - 1) ** 0.5)[:, None] * vt[:k]
+        return cls(shapes, mean, basis)
+
+    def sample_latents(self, n: int, temperature: float = 1.0) -> List[torch.Tensor]:
+        """``n`` draws, split into the groups' latents [(n, Z, r, r, r)], top first."""
+        coeffs = torch.randn(n, self.basis.shape[0], device=self.basis.device) * temperature
+        flat = self.mean + coeffs @ self.basis
+        return [part.reshape(n, *shape) for part, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
+
+
+class PosthocPriorVDVAE(nn.Module):
+    """A VDVAE whose ``sample`` draws the coarse groups from ``latent_prior`` and the rest from its own priors, at
+    the same temperature; every other method is the VDVAE's."""
+
+    def __init__(self, vae: VDVAE, latent_prior: LatentPCAPrior) -> None:
+        super().__init__()
+        self.vae, self.latent_prior = vae, latent_prior
+        self.resolution = vae.resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae(x)
+
+    def elbo(self, x: torch.Tensor) -> dict:
+        return self.vae.elbo(x)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        if n <= 0 or temperature <= 0:
+            raise ValueError(f"number of samples and temperature must be positive, got {n} and {temperature}")
+        given = self.latent_prior.sample_latents(n, temperature)
+        return self.vae.decode_latents(None, n, 0, sample_prior=True, temperature=temperature, given=given)[0]

@@ -1,0 +1,68 @@
+"""The post-hoc latent prior: given latents drive the decoder exactly, and the fitted Gaussian spans the training
+latents."""
+
+import pytest
+import torch
+
+from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+from scripts.networks import VDVAE
+from tests.conftest import tiny_architecture
+
+
+@pytest.fixture(scope="module")
+def net_and_data():
+    torch.manual_seed(0)
+    net = VDVAE(16, **tiny_architecture(16))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval(), torch.rand(6, 1, 16, 16, 16) * 2 - 1
+
+
+def test_given_latents_replace_the_prior_draws(net_and_data):
+    """Posterior means of the groups <= 4^3 given to the prior path reproduce the progressive reconstruction."""
+    net, x = net_and_data
+    groups = sum(1 for r in net.group_resolutions() if r <= 4)
+    with torch.no_grad():
+        _, _, _, zs = net.decode_latents(net.encode(x), len(x), groups, sample_posterior=False, sample_prior=False)
+        given = net.decode_latents(None, len(x), 0, sample_prior=False, given=zs[:groups])[0]
+    torch.testing.assert_close(given, net.reconstruct(x, 4))
+    assert [tuple(z.shape[1:]) for z in zs[:groups]] == [(4, r, r, r) for r in net.group_resolutions()[:groups]]
+
+
+def test_pca_prior_spans_the_training_latents(net_and_data):
+    net, x = net_and_data
+    prior = LatentPCAPrior.fit(net, x, down_to_resolution=4, batch_size=4)
+    groups = len(prior.shapes)
+    assert prior.basis.shape == (len(x) - 1, sum(prior.sizes))
+    with torch.no_grad():
+        _, _, _, zs = net.decode_latents(net.encode(x), len(x), groups, sample_posterior=False, sample_prior=False)
+    data = torch.cat([z.flatten(1) for z in zs[:groups]], 1)
+    torch.testing.assert_close(prior.mean, data.mean(0))
+    # every training latent is the mean plus a combination of the basis rows
+    coeffs = torch.linalg.lstsq(prior.basis.T, (data - prior.mean).T).solution
+    torch.testing.assert_close(prior.mean + (prior.basis.T @ coeffs).T, data, atol=1e-4, rtol=1e-4)
+    # draws: right shapes, spread set by the temperature, the mean at T -> 0
+    torch.manual_seed(0)
+    draws = prior.sample_latents(500, 1.0)
+    assert [tuple(d.shape) for d in draws] == [(500, *s) for s in prior.shapes]
+    flat = torch.cat([d.flatten(1) for d in draws], 1)
+    torch.testing.assert_close(flat.var(0).sum(), data.var(0).sum(), rtol=0.15, atol=0)
+    cold = torch.cat([d.flatten(1) for d in prior.sample_latents(3, 1e-6)], 1)
+    torch.testing.assert_close(cold, prior.mean.expand(3, -1), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="holds no latent group"):
+        LatentPCAPrior.fit(net, x, down_to_resolution=0)
+
+
+def test_posthoc_sampler(net_and_data):
+    net, x = net_and_data
+    sampler = PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, x, down_to_resolution=8))
+    torch.manual_seed(1)
+    a = sampler.sample(3, 0.8)
+    torch.manual_seed(1)
+    b = sampler.sample(3, 0.8)
+    assert a.shape == (3, 1, 16, 16, 16) and torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])
+    torch.testing.assert_close(sampler(x), net(x))
+    with pytest.raises(ValueError, match="positive"):
+        sampler.sample(2, 0.0)

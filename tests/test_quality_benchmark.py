@@ -1,0 +1,102 @@
+"""The quality-over-time benchmark: wall-clock snapshots, the sample figures and an end-to-end tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from scripts.handlers import WallClockSnapshots
+from scripts.quality_benchmark import Reference, _parser, main, plot_curves
+from tests.test_bundle import tiny_overrides
+
+
+def test_wall_clock_snapshots_save_at_their_times_and_stop_the_run(tmp_path):
+    net = torch.nn.Linear(2, 2)
+
+    def step(engine, batch):
+        time.sleep(0.02)
+        with torch.no_grad():
+            net.weight.add_(1.0)
+
+    engine = Engine(step)
+    snaps = WallClockSnapshots([0.1, 0.2], str(tmp_path), net)
+    snaps.attach(engine)
+    engine.run(range(1000), max_epochs=1)
+    assert engine.state.iteration < 1000  # stopped after the last snapshot
+    first, second = (torch.load(p, weights_only=False) for p in snaps.written)
+    assert [os.path.basename(p) for p in snaps.written] == ["snapshot_0.1s.pt", "snapshot_0.2s.pt"]
+    assert 0.1 <= first["elapsed_s"] < second["elapsed_s"] and second["elapsed_s"] >= 0.2
+    assert first["iteration"] < second["iteration"] <= engine.state.iteration
+    # the weights as they were at that iteration (each step adds 1)
+    assert float(second["network"]["weight"][0, 0] - first["network"]["weight"][0, 0]) == second["iteration"] - first["iteration"]
+    assert first["ema"] is None
+    with pytest.raises(ValueError, match="times_s"):
+        WallClockSnapshots([], str(tmp_path), net)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(nifti_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("quality"))
+    return Reference(_parser(["configs/train.json"], tiny_overrides(nifti_dir, out)))
+
+
+def test_reference_figures_of_real_and_degenerate_volumes(tiny_reference):
+    ref = tiny_reference
+    assert ref.train.shape[1:] == (1, 16, 16, 16) and len(ref.heldout) == 3
+    # a training volume is its own nearest neighbour; a constant volume has no foreground
+    assert ref.nearest_rmse(ref.train[:2]).max() == 0.0
+    blank = -torch.ones(6, 1, 16, 16, 16)
+    figures = ref.figures(blank)
+    assert figures["dice_vs_cohort_mask"] == 0.0
+    assert figures["frechet_distance"] > 10 * max(ref.real["frechet_distance"], 1e-3)
+    assert ref.real["dice_vs_cohort_mask"] > 0.5
+    assert figures["nearest_train_rmse_median"] > ref.real["nearest_train_rmse_median"]
+
+
+def test_curves_figure(tmp_path):
+    rows = [
+        {"recipe": r, "weights": "network", "sampler": "learned priors", "temperature_mode": "latent", "temperature": 0.8, "point": p, "time_s": 10.0 * (p + 1),
+         "frechet_distance": 100.0 / (p + 1) + i, "ms_ssim": 0.5, "nearest_train_rmse_median": 0.3, "dice_vs_cohort_mask": 0.2 * p,
+         "heldout_neg_elbo_nats": -p * 0.5}
+        for i, r in enumerate(["a", "b"]) for p in range(3)
+    ]
+    path = plot_curves(rows, {"frechet_distance": 10.0, "ms_ssim": 0.7, "nearest_train_rmse_median": 0.2, "dice_vs_cohort_mask": 0.9}, str(tmp_path / "c.png"))
+    from PIL import Image
+
+    img = Image.open(path)
+    assert img.size[0] > 1000 and len(set(img.getdata())) > 3  # axes, two coloured series, text
+
+
+def test_tiny_end_to_end_run(nifti_dir, tmp_path):
+    """Two recipes, one seed, two snapshots of a 16^3 model: every row is measured and reported."""
+    overrides = {k: v for k, v in tiny_overrides(nifti_dir, str(tmp_path / "unused")).items() if k not in ("output_dir", "model_path")}
+    output = str(tmp_path / "quality.md")
+    results = main(
+        recipes=["default", "full_resolution_residual"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent", "std"],
+        num_samples=6, vq=False, work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides,
+    )
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 3  # recipes x points x (learned priors in 2 temperature modes, post-hoc prior <= 8^3)
+    assert {r["sampler"] for r in rows} == {"learned priors", "post-hoc prior <= 8^3"}
+    assert {r["recipe"] for r in rows} == {"default", "full_resolution_residual"}
+    for r in rows:
+        assert r["time_s"] >= 3.0 * (r["point"] + 1) and r["iteration"] >= 1
+        assert 0.0 <= r["dice_vs_cohort_mask"] <= 1.0 and r["frechet_distance"] >= 0 and r["skipped_fraction"] == 0.0
+    later = [r for r in rows if r["point"] == 1]
+    assert all(r["iteration"] > s["iteration"] for r in later for s in rows if s["point"] == 0 and s["recipe"] == r["recipe"])
+    with open(output) as f:
+        text = f.read()
+    assert "| default | network | learned priors | latent | 0.8 |" in text
+    assert "| full_resolution_residual | network | post-hoc prior <= 8^3 | latent | 0.8 |" in text
+    with open(os.path.splitext(output)[0] + ".json") as f:
+        assert json.load(f)["real"]["dice_vs_cohort_mask"] > 0.5
+    # the two recipes trained different networks from the same seed
+    snaps = [torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"] for r in ("default", "full_resolution_residual")]
+    assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        main(recipes=["nonsense"], vq=False)
