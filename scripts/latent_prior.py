@@ -9,6 +9,7 @@ Gaussian to the posterior means of the groups at resolutions <= ``down_to_resolu
 
 from __future__ import annotations
 
+import copy
 from typing import List
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from scripts.networks import VDVAE
 
-__all__ = ["LatentPCAPrior", "PosthocPriorVDVAE"]
+__all__ = ["LatentPCAPrior", "PosthocPriorVDVAE", "latent_prior_path", "fit_after_training", "with_latent_prior"]
 
 
 class LatentPCAPrior(nn.Module):
@@ -90,3 +91,57 @@ class PosthocPriorVDVAE(nn.Module):
             raise ValueError(f"number of samples and temperature must be positive, got {n} and {temperature}")
         given = self.latent_prior.sample_latents(n, temperature)
         return self.vae.decode_latents(None, n, 0, sample_prior=True, temperature=temperature, given=given)[0]
+
+
+def latent_prior_path(model_path: str) -> str:
+    """Where the post-hoc prior of ``models/model.pt`` lives: ``models/model_latent_prior.pt``."""
+    import os
+
+    return os.path.splitext(model_path)[0] + "_latent_prior.pt"
+
+
+def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int) -> str:
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"shapes": prior.shapes, "mean": prior.mean, "basis": prior.basis, "down_to_resolution": down_to_resolution}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def fit_after_training(network_def: VDVAE, model_path: str, train_files, preprocessing, down_to_resolution: int) -> str | None:
+    """Run at the end of train.json when ``latent_prior_resolution`` > 0: fits the post-hoc prior of the groups
+    <= ``down_to_resolution``^3 of the best weights (``model_path``) to the training volumes and writes it next to
+    them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
+    import logging
+
+    import numpy as np
+
+    from scripts.handlers import is_main_process
+    from scripts.sampling import load_weights
+
+    if down_to_resolution <= 0 or not is_main_process():
+        return None
+    vae = load_weights(copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu")  # not the training instance
+    volumes = torch.stack([torch.as_tensor(np.asarray(preprocessing({"image": f})["image"])) for f in train_files]).float()
+    prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
+    path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution)
+    logging.getLogger(__name__).info(f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): {path}")
+    return path
+
+
+def with_latent_prior(vae: VDVAE, model_path: str, use: bool = True) -> nn.Module:
+    """``vae`` wrapped in :class:`PosthocPriorVDVAE` when ``use`` and a post-hoc prior lies next to ``model_path``;
+    ``vae`` itself otherwise."""
+    import os
+
+    path = latent_prior_path(model_path)
+    if not use or not os.path.isfile(path):
+        return vae
+    state = torch.load(path, map_location=vae.output_head.conv.weight.device, weights_only=True)
+    prior = LatentPCAPrior(state["shapes"], state["mean"], state["basis"])
+    expected = [[b.latent_channels, r, r, r] for b, r in zip(vae.decoder_blocks, vae.group_resolutions())][: len(prior.shapes)]
+    if prior.shapes != expected:
+        raise ValueError(f"{path} was fitted to latents of shapes {prior.shapes}, but the network's top groups have {expected}: refit it")
+    return PosthocPriorVDVAE(vae, prior)
