@@ -58,26 +58,30 @@ logger = logging.getLogger("quality_benchmark")
 
 
 # ------------------------------------------------------------------ training (each in its own process)
-def train_run(config_files: str, overrides: str, times_s: str, folder: str) -> None:
-    """Trains ``config_files`` (JSON list) with ``overrides`` (JSON dict) until the last of ``times_s`` (JSON list),
-    saving snapshots into ``folder``."""
+def train_run(spec: str) -> None:
+    """Trains as the JSON file ``spec`` says ({"config_files", "overrides", "times_s", "folder"}) until the last
+    of ``times_s``, saving snapshots into ``folder``."""
     from monai.bundle import ConfigWorkflow
 
     from scripts.handlers import WallClockSnapshots
 
-    workflow = ConfigWorkflow(config_file=json.loads(config_files), workflow_type="train", **json.loads(overrides))
+    with open(spec) as f:
+        run = json.load(f)
+    workflow = ConfigWorkflow(config_file=run["config_files"], workflow_type="train", **run["overrides"])
     workflow.initialize()
     parser = workflow.parser
     ema = parser.get_parsed_content("ema") if "ema" in parser else None
-    WallClockSnapshots(json.loads(times_s), folder, parser.get_parsed_content("network"), ema).attach(parser.get_parsed_content("train#trainer"))
+    WallClockSnapshots(run["times_s"], run["folder"], parser.get_parsed_content("network"), ema).attach(parser.get_parsed_content("train#trainer"))
     workflow.run()
     workflow.finalize()
 
 
 def _launch(config_files: list[str], overrides: dict, times: list[float], folder: str, log: str) -> None:
-    cmd = [sys.executable, "-m", "scripts.quality_benchmark", "train_run", "--config_files", json.dumps(config_files),
-           "--overrides", json.dumps(overrides), "--times_s", json.dumps(times), "--folder", folder]
     os.makedirs(folder, exist_ok=True)
+    spec = os.path.join(folder, "spec.json")
+    with open(spec, "w") as f:
+        json.dump({"config_files": config_files, "overrides": overrides, "times_s": times, "folder": folder}, f, indent=1)
+    cmd = [sys.executable, "-m", "scripts.quality_benchmark", "train_run", "--spec", spec]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -312,8 +316,8 @@ def main(
     for seed in seeds:
         for recipe in recipes:
             run = os.path.join(work_dir, recipe, f"seed{seed}")
-            run_overrides = {"output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed, "max_epochs": 100000,
-                             "resume": False, **(overrides or {}), **known[recipe]}
+            run_overrides = {**(overrides or {}), **known[recipe], "output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed,
+                             "max_epochs": 100000, "resume": False}
             logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
             _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
             parser = _parser([TRAIN], run_overrides)
@@ -353,7 +357,7 @@ def run_vq(
     from scripts.vq import VQGenerator
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
-    stage1 = {"vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False, **overrides}
+    stage1 = {**overrides, "vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
     logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
     _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
     later = [t - stage1_s for t in times if t > stage1_s]
