@@ -318,8 +318,9 @@ def main(
             run = os.path.join(work_dir, recipe, f"seed{seed}")
             run_overrides = {**(overrides or {}), **known[recipe], "output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed,
                              "max_epochs": 100000, "resume": False}
-            logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
-            _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
+            if not _have_snapshots(os.path.join(run, "snapshots"), times, run_overrides):
+                logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
+                _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
             parser = _parser([TRAIN], run_overrides)
             ref = Reference(parser)
             reals.append(ref.real)
@@ -329,8 +330,26 @@ def main(
                 common = {"family": "vdvae", "recipe": recipe, "seed": seed, "point": i, "time_s": snap["elapsed_s"], "iteration": snap["iteration"],
                           "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"])}
                 rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed, lp_res)]
+            _report(rows, reals, budget_s, num_samples, output, figure)  # after every run: nothing measured is lost
         if vq:
             rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {})
+    results = _report(rows, reals, budget_s, num_samples, output, figure)
+    logger.info(f"wrote {output} and {figure}")
+    return results
+
+
+def _have_snapshots(folder: str, times: list[float], overrides: dict) -> bool:
+    """Whether ``folder`` holds a finished run with these overrides and times, whose snapshots are then reused."""
+    try:
+        with open(os.path.join(folder, "spec.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    same = spec.get("overrides") == json.loads(json.dumps(overrides)) and spec.get("times_s") == list(times)
+    return same and all(os.path.isfile(os.path.join(folder, f"snapshot_{t:g}s.pt")) for t in times)
+
+
+def _report(rows: list[dict], reals: list[dict], budget_s: float, num_samples: int, output: str, figure: str) -> dict:
     real = {k: float(np.mean([r[k] for r in reals])) for k in reals[0]} if reals else {}
     results = {
         "command": "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:]),
@@ -345,7 +364,6 @@ def main(
     with open(os.path.splitext(output)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1)
     write_report(results, output, figure)
-    logger.info(f"wrote {output} and {figure}")
     return results
 
 
@@ -358,14 +376,16 @@ def run_vq(
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
     stage1 = {**overrides, "vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
-    logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
-    _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
+    if not _have_snapshots(os.path.join(run, "stage1"), [stage1_s], stage1):
+        logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
+        _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
     later = [t - stage1_s for t in times if t > stage1_s]
     if not later:
         return []
     stage2 = {**stage1, "output_dir": os.path.join(run, "prior"), "model_path": os.path.join(run, "prior.pt")}
-    logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
-    _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))
+    if not _have_snapshots(os.path.join(run, "stage2"), later, stage2):
+        logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
+        _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))
     parser = _parser(VQ_STAGE2, stage2)
     ref = Reference(_parser(VQ_STAGE1, stage1))
     vqvae = load_weights(parser.get_parsed_content("vqvae_def"), stage1["vqvae_path"], "cpu")
