@@ -99,5 +99,11 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
     # the two recipes trained different networks from the same seed
     snaps = [torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"] for r in ("default", "full_resolution_residual")]
     assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
+    # a rerun reuses the finished runs (same overrides and times) and measures them again
+    log = tmp_path / "runs/default/seed0/train.log"
+    stamp = log.stat().st_mtime
+    again = main(recipes=["default"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent"], num_samples=6, vq=False,
+                 latent_prior_resolutions=[], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides)
+    assert log.stat().st_mtime == stamp and len(again["rows"]) == 2
     with pytest.raises(ValueError, match="unknown recipe"):
         main(recipes=["nonsense"], vq=False)
