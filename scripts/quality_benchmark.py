@@ -225,33 +225,39 @@ def _series(r: dict) -> tuple:
 
 
 def plot_curves(rows: list[dict], real: dict, path: str) -> str:
-    """Four panels (Frechet distance, MS-SSIM, nearest-train RMSE, Dice) against training time, one line per
-    (family / recipe, weights, temperature mode, temperature), seed means; dashed: the held-out volumes."""
+    """Panels (Frechet distance on a log scale, MS-SSIM, nearest-train RMSE, Dice, held-out negative ELBO) against
+    training time, one line per (family / recipe, weights, sampler) at the highest measured temperature in the first
+    temperature mode, seed means; dashed: the held-out volumes. The table has every temperature and mode."""
     from PIL import Image, ImageDraw
 
     metrics = ["frechet_distance", "ms_ssim", "nearest_train_rmse_median", "dice_vs_cohort_mask", "heldout_neg_elbo_nats"]
+    t_plot = max(r["temperature"] for r in rows if r["family"] == "vdvae") if any(r["family"] == "vdvae" for r in rows) else None
+    first_mode = next((r["temperature_mode"] for r in rows if r["family"] == "vdvae"), None)
+    shown = [r for r in rows if r["family"] != "vdvae" or (r["temperature"] == t_plot and r["temperature_mode"] == first_mode)]
     series: dict[tuple, dict[float, list[dict]]] = {}
-    for r in rows:
+    for r in shown:
         series.setdefault(_series(r), {}).setdefault(r["point"], []).append(r)
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     pw, ph, margin = 360, 240, 50
     legend_h = 16 * len(series) + 10
     img = Image.new("RGB", (len(metrics) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
     draw = ImageDraw.Draw(img)
-    tmax = max(r["time_s"] for r in rows) or 1.0
+    tmax = max(r["time_s"] for r in shown) or 1.0
     for m_i, metric in enumerate(metrics):
         x0, y0 = margin + m_i * (pw + margin), margin
-        values = [r[metric] for r in rows if r.get(metric) is not None] + ([real[metric]] if real.get(metric) is not None else [])
+        values = [r[metric] for r in shown if r.get(metric) is not None] + ([real[metric]] if real.get(metric) is not None else [])
         if not values:
             continue
-        lo, hi = min(values), max(values)
+        log = metric == "frechet_distance" and min(values) > 0
+        scale = (lambda v: float(np.log10(v))) if log else (lambda v: v)  # noqa: E731
+        lo, hi = scale(min(values)), scale(max(values))
         hi = hi if hi > lo else lo + 1.0
         fx = lambda t: x0 + pw * t / tmax  # noqa: E731
-        fy = lambda v: y0 + ph - ph * (v - lo) / (hi - lo)  # noqa: E731
+        fy = lambda v: y0 + ph - ph * (scale(v) - lo) / (hi - lo)  # noqa: E731
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
-        draw.text((x0, y0 - 30), metric.replace("_", " "), fill="black")
-        draw.text((x0 - 45, y0 - 5), _fmt(hi), fill="black")
-        draw.text((x0 - 45, y0 + ph - 10), _fmt(lo), fill="black")
+        draw.text((x0, y0 - 30), metric.replace("_", " ") + (" (log scale)" if log else ""), fill="black")
+        draw.text((x0 + 3, y0 + 3), _fmt(max(values)), fill="black")
+        draw.text((x0 + 3, y0 + ph - 14), _fmt(min(values)), fill="black")
         draw.text((x0 + pw - 60, y0 + ph + 5), f"{tmax:.0f} s", fill="black")
         draw.text((x0, y0 + ph + 5), "0 s", fill="black")
         if real.get(metric) is not None:
@@ -270,7 +276,7 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
         y = ph + 2 * margin + 16 * s_i
         draw.rectangle([margin, y + 4, margin + 20, y + 8], fill=colours[s_i % len(colours)])
         draw.text((margin + 28, y), f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", fill="black")
-    draw.text((margin + 400, ph + 2 * margin), "dashed: held-out volumes", fill="black")
+    draw.text((margin + 600, ph + 2 * margin), "dashed: held-out volumes", fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
@@ -336,6 +342,34 @@ def main(
     results = _report(rows, reals, budget_s, num_samples, output, figure)
     logger.info(f"wrote {output} and {figure}")
     return results
+
+
+def samples(
+    recipe: str, seed: int = 0, time_s: float = 660.0, latent_prior_resolution: int = 0, temperature: float = 1.0, n: int = 4,
+    work_dir: str = "runs/quality", output: str = "docs/images/quality_samples.png",
+) -> str:
+    """A montage of ``n`` samples of a benchmark snapshot (top rows) above ``n`` held-out volumes (bottom rows), with the
+    post-hoc prior of the groups <= ``latent_prior_resolution``^3 when > 0."""
+    from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+    from scripts.visualisation import montage, save_png
+
+    run = os.path.join(os.path.abspath(work_dir), recipe, f"seed{seed}")
+    with open(os.path.join(run, "snapshots", "spec.json")) as f:
+        overrides = json.load(f)["overrides"]
+    parser = _parser([TRAIN], overrides)
+    ref = Reference(parser)
+    net = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+    net.load_state_dict(torch.load(os.path.join(run, "snapshots", f"snapshot_{time_s:g}s.pt"), weights_only=False)["network"])
+    generator = PosthocPriorVDVAE(net.eval(), LatentPCAPrior.fit(net, ref.train, latent_prior_resolution)) if latent_prior_resolution else net.eval()
+    shown = torch.cat([_samples(generator, n, temperature, seed), ref.heldout[:n]])
+    return save_png(montage(shown), output, upscale=3)
+
+
+def report(results: str = "docs/quality.json", output: str | None = None, figure: str = "docs/images/quality_over_time.png") -> None:
+    """Rewrites the Markdown table and the figure from a results file of :func:`main`."""
+    with open(results) as f:
+        data = json.load(f)
+    write_report(data, output or os.path.splitext(results)[0] + ".md", figure)
 
 
 def _have_snapshots(folder: str, times: list[float], overrides: dict) -> bool:
@@ -407,5 +441,9 @@ def run_vq(
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train_run"]:  # one training run, launched by main()
         fire.Fire(train_run, command=sys.argv[2:])
+    elif sys.argv[1:2] == ["samples"]:  # a montage of a snapshot's samples: samples --recipe ours --latent_prior_resolution 8
+        fire.Fire(samples, command=sys.argv[2:])
+    elif sys.argv[1:2] == ["report"]:  # redraw the table and figure from a results file: report --results docs/quality.json
+        fire.Fire(report, command=sys.argv[2:])
     else:
         fire.Fire(main)
