@@ -61,7 +61,7 @@ def test_reference_figures_of_real_and_degenerate_volumes(tiny_reference):
 
 def test_curves_figure(tmp_path):
     rows = [
-        {"recipe": r, "weights": "network", "sampler": "learned priors", "temperature_mode": "latent", "temperature": 0.8, "point": p, "time_s": 10.0 * (p + 1),
+        {"family": "vdvae", "recipe": r, "weights": "network", "sampler": "learned priors", "temperature_mode": "latent", "temperature": 0.8, "point": p, "time_s": 10.0 * (p + 1),
          "frechet_distance": 100.0 / (p + 1) + i, "ms_ssim": 0.5, "nearest_train_rmse_median": 0.3, "dice_vs_cohort_mask": 0.2 * p,
          "heldout_neg_elbo_nats": -p * 0.5}
         for i, r in enumerate(["a", "b"]) for p in range(3)
