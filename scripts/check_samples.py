@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.data import preprocess_volumes
 from scripts.sampling import check_sampling_options, load_weights
 from scripts.visualisation import montage, save_png
 
@@ -52,7 +53,7 @@ def check_samples(
     net = load_weights(parser.get_parsed_content("network_def"), ckpt_path, "cpu")
     data = parser.get_parsed_content("data")
     preprocess = parser.get_parsed_content("validate#preprocessing")
-    real = np.stack([np.asarray(preprocess({"image": f})["image"]) for f in data.train_files + data.val_files])
+    real = preprocess_volumes(data.train_files + data.val_files, preprocess).numpy()
     mean_mask = (real > threshold).mean(0)[0] >= 0.5
     torch.manual_seed(seed)
     samples = net.sample(num_samples, temperature).cpu().numpy()

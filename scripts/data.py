@@ -23,8 +23,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
-__all__ = ["DataSplit", "find_niftis", "check_nifti_header", "file_identity_hash", "atomic_write_json", "make_dataset"]
+__all__ = ["DataSplit", "find_niftis", "check_nifti_header", "file_identity_hash", "atomic_write_json", "make_dataset", "preprocess_volumes"]
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -232,3 +233,9 @@ def make_dataset(data: list[dict], transform: Callable, cache: str = "none", cac
             raise ValueError("cache='disk' needs a cache_dir")
         return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=file_identity_hash, hash_transform=pickle_hashing)
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+def preprocess_volumes(files: list[str], preprocessing: Callable) -> torch.Tensor:
+    """The volumes of ``files`` through ``preprocessing`` ({"image": path} -> (C, R, R, R)), stacked: (N, C, R, R, R)
+    float32 (for metrics and fits that need a whole, small set in memory)."""
+    return torch.stack([torch.as_tensor(np.asarray(preprocessing({"image": f})["image"])) for f in files]).float()

@@ -116,15 +116,14 @@ def fit_after_training(network_def: VDVAE, model_path: str, train_files, preproc
     them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
     import logging
 
-    import numpy as np
-
+    from scripts.data import preprocess_volumes
     from scripts.handlers import is_main_process
     from scripts.sampling import load_weights
 
     if down_to_resolution <= 0 or not is_main_process():
         return None
     vae = load_weights(copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu")  # not the training instance
-    volumes = torch.stack([torch.as_tensor(np.asarray(preprocessing({"image": f})["image"])) for f in train_files]).float()
+    volumes = preprocess_volumes(train_files, preprocessing)
     prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
     path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution)
     logging.getLogger(__name__).info(f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): {path}")

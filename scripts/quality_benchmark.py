@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from scripts.check_samples import dice
+from scripts.data import preprocess_volumes
 from scripts.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +96,7 @@ class Reference:
     def __init__(self, parser, device: str = "cpu") -> None:
         data = parser.get_parsed_content("data")
         pre = parser.get_parsed_content("validate#preprocessing")
-        load = lambda files: torch.stack([torch.as_tensor(np.asarray(pre({"image": f})["image"])) for f in files]).float()  # noqa: E731
-        self.train, self.heldout = load(data.train_files), load(data.val_files)
+        self.train, self.heldout = preprocess_volumes(data.train_files, pre), preprocess_volumes(data.val_files, pre)
         self.features = RandomFeatureNet().to(device)
         with torch.no_grad():
             train_f = torch.cat([self.features(b) for b in self.train.split(16)])
