@@ -2,7 +2,7 @@
 """Sample quality over training time: trains recipes for a wall-clock budget and measures them at fixed times.
 
     python -m scripts.quality_benchmark                                   # default recipe, 3 seeds, 15 min each, VQ family
-    python -m scripts.quality_benchmark --recipes "['default','ours']" --seeds "[0]" --budget_s 600 --vq False
+    python -m scripts.quality_benchmark --recipes "['default','reference']" --seeds "[0]" --budget_s 600 --vq False
 
 Each (recipe, seed) trains ``configs/train.json`` with the recipe's overrides on the built-in cohort in a fresh
 process; :class:`scripts.handlers.WallClockSnapshots` saves the weights at ``points`` evenly spaced times up to
@@ -46,12 +46,14 @@ VQ_STAGE1 = ["configs/vqvae_train.json"]
 VQ_STAGE2 = ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_prior_autoregressive.json"]
 FOREGROUND = -0.8  # the built-in cohort's background is about -0.92
 
-# named recipes: overrides of configs/train.json
+# named recipes: overrides of configs/train.json ("default" is train.json itself)
+REFERENCE_RECIPE = {"augment": True, "full_resolution_residual": False, "gradient_skip_factor": 0.0, "latent_prior_resolution": 0}
 RECIPES: dict[str, dict] = {
     "default": {},
-    "ours": {"full_resolution_residual": True, "gradient_skip_factor": 10.0, "ema_decay": 0.999},
-    "full_resolution_residual": {"full_resolution_residual": True},
-    "adaptive_skip": {"gradient_skip_factor": 10.0},
+    "reference": REFERENCE_RECIPE,  # the reference's recipe (as the presets set it)
+    "augment": {"augment": True},
+    "reference_full_resolution_residual": {**REFERENCE_RECIPE, "full_resolution_residual": True},
+    "reference_adaptive_skip": {**REFERENCE_RECIPE, "gradient_skip_factor": 10.0},
     "ema": {"ema_decay": 0.999},
 }
 
@@ -288,23 +290,28 @@ def main(
     seeds: int | list[int] = (0, 1, 2),
     budget_s: float = 900.0,
     points: int = 3,
-    temperatures: float | list[float] = (0.5, 0.8, 1.0),
-    temperature_modes: str | list[str] = ("latent", "std"),
+    temperatures: float | list[float] = (0.8, 1.0, 1.2),
+    temperature_modes: str | list[str] = ("latent",),
     num_samples: int = 30,
-    latent_prior_resolutions: int | list[int] = (8,),
+    latent_prior_resolutions: int | list[int] = (16,),
     vq: bool = True,
     vq_stage1_fraction: float = 0.4,
     vq_temperatures: float | list[float] = (1.0,),
     vq_num_samples: int = 10,
+    vq_seeds: int | list[int] | None = None,
     work_dir: str = "runs/quality",
     output: str = "docs/quality.md",
     figure: str = "docs/images/quality_over_time.png",
     extra_recipes: dict | None = None,
     overrides: dict | None = None,
     vq_overrides: dict | None = None,
+    keep_rows_from: str | None = None,
 ) -> dict:
-    """Runs every (recipe, seed) and the VQ family, measures the snapshots, writes the report (see module doc).
-    ``overrides`` apply to every VDVAE run (e.g. ``{"dataset_dir": "/data/t1"}``), ``vq_overrides`` to both VQ stages."""
+    """Runs the VQ family (for ``vq_seeds``, default ``seeds``) and then every recipe for every seed, measures the
+    snapshots and writes the report (see module doc) after each run.
+    ``overrides`` apply to every VDVAE run (e.g. ``{"dataset_dir": "/data/t1"}``), ``vq_overrides`` to both VQ stages.
+    ``keep_rows_from``: a results file of an earlier run (e.g. ``docs/quality.json``) whose rows of the runs not
+    measured now are kept in the report, so that recipes can be added one invocation at a time."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     as_list = lambda v: [v] if isinstance(v, (int, float, str)) else list(v)  # noqa: E731
     recipes, seeds, temperatures = as_list(recipes), [int(s) for s in as_list(seeds)], [float(t) for t in as_list(temperatures)]
@@ -319,8 +326,19 @@ def main(
     times = [budget_s * (i + 1) / points for i in range(points)]
     work_dir = os.path.abspath(work_dir)
     rows, reals = [], []
-    for seed in seeds:
-        for recipe in recipes:
+    command = "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:])
+    if keep_rows_from:
+        with open(keep_rows_from) as f:
+            earlier = json.load(f)
+        measured_now = {("vq", "VQ-VAE + autoregressive", s) for s in (seeds if vq_seeds is None else as_list(vq_seeds)) if vq}
+        measured_now |= {("vdvae", r, s) for r in recipes for s in seeds}
+        rows = [r for r in earlier["rows"] if (r["family"], r["recipe"], r["seed"]) not in measured_now]
+        reals = list(earlier["real_per_seed"])
+        command = f"{earlier['command']}`, then `{command}"
+    for seed in (seeds if vq_seeds is None else [int(s) for s in as_list(vq_seeds)]) if vq else []:
+        rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {})
+    for recipe in recipes:  # recipe by recipe, so that an interrupted benchmark has whole recipes
+        for seed in seeds:
             run = os.path.join(work_dir, recipe, f"seed{seed}")
             run_overrides = {**(overrides or {}), **known[recipe], "output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed,
                              "max_epochs": 100000, "resume": False}
@@ -336,10 +354,8 @@ def main(
                 common = {"family": "vdvae", "recipe": recipe, "seed": seed, "point": i, "time_s": snap["elapsed_s"], "iteration": snap["iteration"],
                           "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"])}
                 rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed, lp_res)]
-            _report(rows, reals, budget_s, num_samples, output, figure)  # after every run: nothing measured is lost
-        if vq:
-            rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {})
-    results = _report(rows, reals, budget_s, num_samples, output, figure)
+            _report(rows, reals, budget_s, num_samples, output, figure, command)  # after every run: nothing measured is lost
+    results = _report(rows, reals, budget_s, num_samples, output, figure, command)
     logger.info(f"wrote {output} and {figure}")
     return results
 
@@ -383,10 +399,10 @@ def _have_snapshots(folder: str, times: list[float], overrides: dict) -> bool:
     return same and all(os.path.isfile(os.path.join(folder, f"snapshot_{t:g}s.pt")) for t in times)
 
 
-def _report(rows: list[dict], reals: list[dict], budget_s: float, num_samples: int, output: str, figure: str) -> dict:
+def _report(rows: list[dict], reals: list[dict], budget_s: float, num_samples: int, output: str, figure: str, command: str) -> dict:
     real = {k: float(np.mean([r[k] for r in reals])) for k in reals[0]} if reals else {}
     results = {
-        "command": "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:]),
+        "command": command,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
         "budget_s": budget_s,

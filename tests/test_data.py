@@ -163,3 +163,22 @@ def test_dice():
     b = np.zeros_like(a)
     b[:1] = True
     assert dice(a, b) == pytest.approx(2 * 16 / (32 + 16))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_option_adds_the_reference_augmentations(augment):
+    """train.json ``augment``: off (default) the training preprocessing is the validation one; on it appends the
+    reference's augmentations (the presets turn it on)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/train.json")
+    parser.update({"augment": augment})
+    train = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    validate = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
+    augmentations = [type(t).__name__ for t in parser.get_parsed_content("augmentations")]
+    assert train == validate + (augmentations if augment else [])
+    assert "RandAffined" in augmentations and "RandSpatialCropd" in augmentations
+    for preset in ("32", "64", "128"):
+        with open(f"configs/vdvae_{preset}.json") as f:
+            assert json.load(f)["augment"] is True

@@ -88,8 +88,8 @@ def test_bundle_fits_the_prior_after_training_and_inference_uses_it(tmp_path, ni
     def sample(folder, **extra):
         opts = {"ckpt_path": os.path.join(out, "model.pt"), "output_dir": str(tmp_path / folder), "resolution": 16, **tiny_architecture(16),
                 "num_samples": 2, "seed": 3, **extra}
-        run_bundle(opts, config_file="configs/inference.json")
-        return nib.load(str(tmp_path / folder / "sample_t0.8_00000.nii.gz")).get_fdata()
+        run_bundle(opts, config_file="configs/inference.json")  # at its default temperature, 1.2
+        return nib.load(str(tmp_path / folder / "sample_t1.2_00000.nii.gz")).get_fdata()
 
     with_prior, again, without = sample("a"), sample("b"), sample("c", use_latent_prior=False)
     assert (with_prior == again).all() and not (with_prior == without).all()

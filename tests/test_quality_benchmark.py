@@ -78,13 +78,14 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
     overrides = {k: v for k, v in tiny_overrides(nifti_dir, str(tmp_path / "unused")).items() if k not in ("output_dir", "model_path")}
     output = str(tmp_path / "quality.md")
     results = main(
-        recipes=["default", "full_resolution_residual"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent", "std"],
-        num_samples=6, vq=False, work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides,
+        recipes=["default", "reference"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent", "std"],
+        num_samples=6, vq=False, latent_prior_resolutions=[8], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"),
+        overrides=overrides,
     )
     rows = results["rows"]
     assert len(rows) == 2 * 2 * 3  # recipes x points x (learned priors in 2 temperature modes, post-hoc prior <= 8^3)
     assert {r["sampler"] for r in rows} == {"learned priors", "post-hoc prior <= 8^3"}
-    assert {r["recipe"] for r in rows} == {"default", "full_resolution_residual"}
+    assert {r["recipe"] for r in rows} == {"default", "reference"}
     for r in rows:
         assert r["time_s"] >= 3.0 * (r["point"] + 1) and r["iteration"] >= 1
         assert 0.0 <= r["dice_vs_cohort_mask"] <= 1.0 and r["frechet_distance"] >= 0 and r["skipped_fraction"] == 0.0
@@ -93,17 +94,26 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
     with open(output) as f:
         text = f.read()
     assert "| default | network | learned priors | latent | 0.8 |" in text
-    assert "| full_resolution_residual | network | post-hoc prior <= 8^3 | latent | 0.8 |" in text
+    assert "| reference | network | post-hoc prior <= 8^3 | latent | 0.8 |" in text
     with open(os.path.splitext(output)[0] + ".json") as f:
         assert json.load(f)["real"]["dice_vs_cohort_mask"] > 0.5
-    # the two recipes trained different networks from the same seed
-    snaps = [torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"] for r in ("default", "full_resolution_residual")]
+    # the two recipes trained different networks from the same seed, with the options the recipes name
+    for recipe, augment in (("default", False), ("reference", True)):
+        with open(tmp_path / f"runs/{recipe}/seed0/snapshots/spec.json") as f:
+            spec = json.load(f)["overrides"]
+        assert spec.get("augment", False) is augment and spec.get("full_resolution_residual", True) is not augment
+    snaps = [torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"] for r in ("default", "reference")]
     assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
     # a rerun reuses the finished runs (same overrides and times) and measures them again
     log = tmp_path / "runs/default/seed0/train.log"
     stamp = log.stat().st_mtime
     again = main(recipes=["default"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent"], num_samples=6, vq=False,
-                 latent_prior_resolutions=[], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides)
-    assert log.stat().st_mtime == stamp and len(again["rows"]) == 2
+                 latent_prior_resolutions=[], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides,
+                 keep_rows_from=os.path.splitext(output)[0] + ".json")
+    assert log.stat().st_mtime == stamp
+    # default measured again (2 points, learned priors only); the reference's 6 rows kept from the earlier results
+    assert sorted((r["recipe"], r["sampler"]) for r in again["rows"]).count(("default", "learned priors")) == 2
+    assert [r for r in again["rows"] if r["recipe"] == "reference"] == [r for r in rows if r["recipe"] == "reference"]
+    assert len(again["rows"]) == 8 and "`, then `" in again["command"]
     with pytest.raises(ValueError, match="unknown recipe"):
         main(recipes=["nonsense"], vq=False)
