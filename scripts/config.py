@@ -1,11 +1,17 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
-"""Start-up validation of the bundle's top-level hyperparameters against ``configs/hyperparameters.schema.json``.
+"""Config helpers: values taken from another config of the bundle, and start-up validation of the top-level
+hyperparameters against ``configs/hyperparameters.schema.json``.
 
-Called from a config's ``initialize`` list as ``$scripts.config.validate_hyperparameters(@hyperparameters_schema)``
-(``configs/hyperparameters.schema.json`` for the VDVAE, ``configs/vq_hyperparameters.schema.json`` for the VQ family). MONAI
-gives config expressions no handle on the parser, so the function finds the ConfigParser that is evaluating
-it on the call stack, reads the merged top-level keys (config files + command-line overrides), resolves
-those the schema types, and raises ValueError naming every unknown (misspelled) or ill-typed key.
+``from_config_file`` lets a config take a default that another config states (``inference.json`` takes the
+architecture from ``train.json``) wherever the bundle lies: MONAI's ``"%configs/train.json#key"`` macros are read
+relative to the working directory, this reads them under ``bundle_root``.
+
+``validate_hyperparameters`` is called from a config's ``initialize`` list as
+``$scripts.config.validate_hyperparameters(@hyperparameters_schema)`` (``configs/hyperparameters.schema.json`` for the
+VDVAE, ``configs/vq_hyperparameters.schema.json`` for the VQ family). MONAI gives config expressions no handle on the
+parser, so the function finds the ConfigParser that is evaluating it on the call stack, reads the merged top-level
+keys (config files + command-line overrides), resolves those the schema types, and raises ValueError naming every
+unknown (misspelled) or ill-typed key.
 """
 
 from __future__ import annotations
@@ -13,11 +19,50 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import os
+from typing import Any
 
 import jsonschema
 from monai.bundle import ConfigParser
 
-__all__ = ["validate_hyperparameters", "check_hyperparameters"]
+__all__ = ["from_config_file", "validate_hyperparameters", "check_hyperparameters"]
+
+
+def from_config_file(bundle_root: str, config_file: str, key: str, overrides: dict | None = None) -> Any:
+    """The parsed value of ``key`` in the bundle's config ``config_file``, found under ``bundle_root``.
+
+    What the macro ``"%<config_file>#<key>"`` gives, but read from ``bundle_root`` instead of the working
+    directory, so that a config runs from anywhere given ``--bundle_root``. Used in a config as
+    ``"channels": "$scripts.config.from_config_file(@bundle_root, 'configs/train.json', 'channels')"``.
+
+    Args:
+        bundle_root: the bundle folder (the calling config's ``@bundle_root``).
+        config_file: path of the other config relative to ``bundle_root``, e.g. ``"configs/train.json"``.
+        key: its id to resolve (nested ids such as ``"slicing#validate"`` work).
+        overrides: top-level ids set in ``config_file`` before ``key`` is resolved: the calling config's own values
+            for what ``key`` refers to, e.g. ``{'resolution': @resolution}`` for transforms that read ``@resolution``,
+            so that the caller's options and overlays apply. Everything else keeps ``config_file``'s value.
+
+    Returns:
+        the resolved value: a plain value, or the instantiated components (transforms, networks) of ``key``, with
+        ``config_file``'s ``bundle_root`` set to ``bundle_root``.
+
+    Raises:
+        FileNotFoundError: ``config_file`` is not under ``bundle_root`` (the message says to pass ``--bundle_root``).
+        KeyError: ``config_file`` has no ``key``.
+    """
+    path = os.path.join(bundle_root, config_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: bundle_root {bundle_root!r} must be the bundle folder that holds {config_file} "
+            f"(run from the bundle folder or pass --bundle_root <bundle folder>)"
+        )
+    parser = ConfigParser()
+    parser.read_config(path)
+    if key not in parser:
+        raise KeyError(f"{path} has no key {key!r}")
+    parser.update({"bundle_root": bundle_root, **(overrides or {})})
+    return parser.get_parsed_content(key)
 
 
 def _active_parser() -> ConfigParser | None:

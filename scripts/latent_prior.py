@@ -82,8 +82,12 @@ class PosthocPriorVDVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae(x)
 
-    def elbo(self, x: torch.Tensor) -> dict:
-        return self.vae.elbo(x)
+    def __getattr__(self, name: str):
+        """Everything but ``sample`` is the VDVAE's (``elbo``, ``encode``, ``group_resolutions``, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("vae"), name)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:

@@ -425,14 +425,14 @@ def run_vq(
     from scripts.vq import VQGenerator
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
-    stage1 = {**overrides, "vqvae_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
+    stage1 = {**overrides, "output_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
     if not _have_snapshots(os.path.join(run, "stage1"), [stage1_s], stage1):
         logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
         _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
     later = [t - stage1_s for t in times if t > stage1_s]
     if not later:
         return []
-    stage2 = {**stage1, "output_dir": os.path.join(run, "prior"), "model_path": os.path.join(run, "prior.pt")}
+    stage2 = {**stage1, "vqvae_dir": run, "output_dir": os.path.join(run, "prior"), "model_path": os.path.join(run, "prior.pt")}
     if not _have_snapshots(os.path.join(run, "stage2"), later, stage2):
         logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
         _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))

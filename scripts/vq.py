@@ -505,7 +505,8 @@ def load_token_grids(path: str, split: str) -> list[dict]:
         raise FileNotFoundError(
             f"token file {path} does not exist: train stage 1 first (python -m monai.bundle run --config_file "
             "configs/vqvae_train.json), or write the tokens of a trained VQ-VAE with python -m monai.bundle run tokenize "
-            "--config_file configs/vqvae_train.json"
+            "--config_file configs/vqvae_train.json; a stage-1 run with another --output_dir is found with "
+            "--vqvae_dir <that output_dir>"
         )
     data = torch.load(path, map_location="cpu", weights_only=False)
     if split not in data:

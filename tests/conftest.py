@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -53,3 +54,24 @@ def nifti_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("niftis")
     generate_synthetic_data(str(folder), voxels_per_axis=16, number_of_files=12, random_seed=1)
     return str(folder)
+
+
+# what a bundle is made of (the Model Zoo's copy of it): configs, code, the models/ folder's README, docs, licence
+BUNDLE_CONTENT = ["configs", "scripts", "docs", "models/README.md", "LICENSE", "README.md"]
+
+
+def copy_bundle(target: str) -> str:
+    """Copies the bundle's files (:data:`BUNDLE_CONTENT`, no runs, data or weights) to ``target``; returns it."""
+    for item in BUNDLE_CONTENT:
+        src, dst = os.path.join(ROOT, item), os.path.join(target, item)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(src, dst)
+    return target
+
+
+def files_under(folder: str) -> set[str]:
+    """Relative paths of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.handlers import latest_checkpoint
 from scripts.networks import VDVAE
@@ -32,11 +32,20 @@ def tiny_overrides(nifti_dir: str, out: str, **extra) -> dict:
     return opts
 
 
-def run_bundle(overrides: dict, config_file: str = "configs/train.json", check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file]
+def run_bundle(
+    overrides: dict, config_file: str = "configs/train.json", check: bool = True, cwd: str = ROOT, command: str = "run"
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <command> --config_file <config_file> --<key> <value>...`` in ``cwd``. From another
+    working directory than the bundle's, pass absolute config paths and ``bundle_root``: the bundle folder is then
+    put on PYTHONPATH, as MONAI's own bundle scripts do (configs import ``scripts`` before MONAI's ``run`` would)."""
+    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_file]
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else str(v) if isinstance(v, bool) else json.dumps(v)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = None
+    if cwd != ROOT:
+        path = [overrides["bundle_root"], os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -203,17 +212,20 @@ def test_inference_samples_nifti_on_the_training_grid(tmp_path, nifti_dir):
     bad = sample("g", ckpt_path=str(tmp_path / "missing.pt"), expect_error=True)
     assert bad.returncode != 0 and "no weights at" in bad.stderr
 
-    # the Model Zoo's export: TorchScript of network_def that loads and reconstructs like the eager network
+    # the Model Zoo's export (ci/verify_bundle.py): TorchScript of inference.json's network_def, from another working
+    # directory with bundle_root, that loads and reconstructs like the eager network
     ts_path = str(tmp_path / "model.ts")
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", ts_path,
-           "--ckpt_file", os.path.join(out, "model.pt"), "--meta_file", "configs/metadata.json",
-           "--config_file", "configs/train.json"]
-    for k, v in arch.items():
-        cmd += [f"--{k}", json.dumps(v)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    export = {"net_id": "network_def", "filepath": ts_path, "ckpt_file": os.path.join(out, "model.pt"), "bundle_root": ROOT,
+              "meta_file": os.path.join(ROOT, "configs/metadata.json"), **arch}
+    run_bundle(export, os.path.join(ROOT, "configs/inference.json"), cwd=str(elsewhere), command="ckpt_export")
+    assert os.listdir(elsewhere) == []
     exported = torch.jit.load(ts_path)
-    net = VDVAE(16, **tiny_architecture(16))
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs/inference.json"))
+    parser.update({"bundle_root": ROOT, **arch})
+    net = parser.get_parsed_content("network_def")  # the eager network of the same options
     net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
     x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
     assert torch.allclose(exported(x), net.eval()(x), atol=1e-5)

@@ -95,3 +95,14 @@ def test_bundle_fits_the_prior_after_training_and_inference_uses_it(tmp_path, ni
     assert (with_prior == again).all() and not (with_prior == without).all()
     os.remove(path)  # without the file, inference falls back to the learned priors
     assert (sample("d") == without).all()
+
+
+def test_posthoc_prior_model_is_the_vdvae_but_for_sampling():
+    """evaluate.json and reconstruct.json call VDVAE methods on the wrapped network."""
+    net = VDVAE(16, **tiny_architecture(16)).eval()
+    x = torch.rand(3, 1, 16, 16, 16) * 2 - 1
+    wrapped = PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, x, 2))
+    assert wrapped.group_resolutions() == net.group_resolutions() and wrapped.resolution == 16
+    assert torch.equal(wrapped.reconstruct(x, 4), net.reconstruct(x, 4))
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute

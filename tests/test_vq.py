@@ -27,6 +27,7 @@ from scripts.vq import (
     codebook_usage,
     region_token_mask,
 )
+from tests.conftest import copy_bundle, files_under
 from tests.test_bundle import run_bundle
 
 STAGE1 = "configs/vqvae_train.json"
@@ -199,7 +200,7 @@ def test_region_token_mask():
 def stage1_overrides(nifti_dir: str, run: str, **extra) -> dict:
     opts = {
         "dataset_dir": nifti_dir,
-        "vqvae_dir": run,
+        "output_dir": run,
         "vqvae_path": os.path.join(run, "vqvae.pt"),
         "resolution": 16,
         "vq_channels": [8, 8],
@@ -217,19 +218,23 @@ def stage1_overrides(nifti_dir: str, run: str, **extra) -> dict:
 
 
 def stage2_overrides(stage1: dict, run: str, **extra) -> dict:
-    opts = {**stage1, "output_dir": run, "model_path": os.path.join(run, "prior.pt"), "prior_dim": 16, "prior_depth": 1, "prior_heads": 2,
-            "num_timesteps": 8, "val_interval": 1, "max_epochs": 2}
+    """Stage 2 on the tokens of the stage-1 run ``stage1`` (``vqvae_dir``), written to ``run``."""
+    opts = {**stage1, "vqvae_dir": stage1["output_dir"], "output_dir": run, "model_path": os.path.join(run, "prior.pt"),
+            "prior_dim": 16, "prior_depth": 1, "prior_heads": 2, "num_timesteps": 8, "val_interval": 1, "max_epochs": 2}
     opts.update(extra)
     return opts
 
 
 @pytest.fixture(scope="module")
 def vq_runs(tmp_path_factory, nifti_dir) -> dict:
-    """Stage 1 (2 epochs), then each prior (2 epochs) on its tokens."""
+    """Stage 1 (2 epochs), then each prior (2 epochs) on its tokens, each in its own output_dir, with a copy of the
+    bundle as bundle_root (so that ``test_runs_write_only_under_their_output_dirs`` sees what lands in it)."""
     root = tmp_path_factory.mktemp("vq")
-    s1 = stage1_overrides(nifti_dir, str(root / "vqvae"))
+    bundle = copy_bundle(str(root / "bundle"))
+    bundle_files = files_under(bundle)
+    s1 = stage1_overrides(nifti_dir, str(root / "vqvae"), bundle_root=bundle)
     run_bundle(s1, STAGE1)
-    runs = {"root": str(root), "stage1": s1}
+    runs = {"root": str(root), "bundle": bundle, "bundle_files": bundle_files, "stage1": s1}
     for name, config in (("absorbing", ABSORBING), ("autoregressive", AUTOREGRESSIVE)):
         s2 = stage2_overrides(s1, str(root / name))
         run_bundle(s2, json.dumps([STAGE1, PRIOR, config]))
@@ -237,12 +242,24 @@ def vq_runs(tmp_path_factory, nifti_dir) -> dict:
     return runs
 
 
+def test_runs_write_only_under_their_output_dirs(vq_runs):
+    """--output_dir moves everything a stage-1 run writes, its data split and tokens included, and stage 2 reads them
+    from --vqvae_dir: nothing lands in the bundle (no runs/vqvae, no models/*.pt)."""
+    assert files_under(vq_runs["bundle"]) == vq_runs["bundle_files"]
+    s1 = vq_runs["stage1"]
+    stage1 = set(os.listdir(s1["output_dir"]))
+    assert {"data_split.json", "tokens.pt", "checkpoints", "tensorboard", "vqvae.pt", "vqvae.json"} <= stage1
+    for name in ("absorbing", "autoregressive"):
+        written = set(os.listdir(vq_runs[name]["output_dir"]))
+        assert {"checkpoints", "tensorboard", "prior.pt"} <= written and not {"tokens.pt", "data_split.json"} & written
+
+
 def test_stage1_writes_weights_tokens_and_a_resumable_checkpoint(vq_runs):
     s1 = vq_runs["stage1"]
     state = torch.load(s1["vqvae_path"], weights_only=True)
     net = tiny_vqvae()
     net.load_state_dict(state)
-    tokens = torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)
+    tokens = torch.load(os.path.join(s1["output_dir"], "tokens.pt"), weights_only=False)
     assert tokens["train"]["tokens"].shape == (9, 4, 4, 4) and tokens["val"]["tokens"].shape == (3, 4, 4, 4)
     assert tokens["vqvae"] == s1["vqvae_path"] and len(tokens["train"]["files"]) == 9
     # the saved tokens are the model's tokens of the deterministic preprocessing
@@ -254,16 +271,16 @@ def test_stage1_writes_weights_tokens_and_a_resumable_checkpoint(vq_runs):
     pre = parser.get_parsed_content("validate#preprocessing")
     x = pre({"image": tokens["val"]["files"][0]})["image"].as_tensor()[None]
     assert torch.equal(net.eval().tokens(x)[0], tokens["val"]["tokens"][0].long())
-    ckpt = latest_checkpoint(os.path.join(s1["vqvae_dir"], "checkpoints"))
+    ckpt = latest_checkpoint(os.path.join(s1["output_dir"], "checkpoints"))
     full = torch.load(ckpt, weights_only=True)
     assert {"trainer", "network", "optimizer", "data", "best_model"} <= set(full) and full["trainer"]["iteration"] == 6
     assert "code_age" in full["network"]
-    os.remove(os.path.join(s1["vqvae_dir"], "tokens.pt"))
+    os.remove(os.path.join(s1["output_dir"], "tokens.pt"))
     run_bundle({**s1, "run_id": "tokenize"}, STAGE1)  # rewrites the tokens from models/vqvae.pt alone
-    again = torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)
+    again = torch.load(os.path.join(s1["output_dir"], "tokens.pt"), weights_only=False)
     assert torch.equal(again["train"]["tokens"], tokens["train"]["tokens"])
     run_bundle({**s1, "max_epochs": 3}, STAGE1)  # resumes: one more epoch
-    assert torch.load(latest_checkpoint(os.path.join(s1["vqvae_dir"], "checkpoints")), weights_only=True)["trainer"]["iteration"] == 9
+    assert torch.load(latest_checkpoint(os.path.join(s1["output_dir"], "checkpoints")), weights_only=True)["trainer"]["iteration"] == 9
     proc = run_bundle({**s1, "max_epochs": 4, "batch_size": 2}, STAGE1, check=False)  # another effective batch
     assert proc.returncode != 0 and "written with 3 iterations per epoch but this run has 5" in proc.stderr
 
@@ -310,7 +327,7 @@ def test_evaluate_reports_both_families_side_by_side_figures(vq_runs, tmp_path):
     out = str(tmp_path / "eval")
     opts = {k: v for k, v in s1.items() if k in ("resolution", "vq_channels", "num_embeddings", "embedding_dim")}
     opts.update(prior="autoregressive", vqvae_path=s1["vqvae_path"], ckpt_path=vq_runs["autoregressive"]["model_path"], prior_dim=16,
-                prior_depth=1, prior_heads=2, run_dir=s1["vqvae_dir"], output_dir=out, num_samples=4, batch_size=2, diversity_samples=4, cache="none")
+                prior_depth=1, prior_heads=2, run_dir=s1["output_dir"], output_dir=out, num_samples=4, batch_size=2, diversity_samples=4, cache="none")
     run_bundle(opts, json.dumps(["configs/evaluate.json", "configs/vq_evaluate.json"]))
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["model"]["family"] == "vq-vae + autoregressive transformer"
@@ -345,7 +362,7 @@ def test_2d_slices_of_paired_volumes_train_and_sample(nifti_dir, tmp_path):
     data = paired_niftis(nifti_dir, tmp_path / "paired")
     s1 = stage1_overrides(data, str(tmp_path / "vqvae"), spatial_dims=2, in_channels=2, max_epochs=1)
     run_bundle(s1, STAGE1)
-    tokens = torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)
+    tokens = torch.load(os.path.join(s1["output_dir"], "tokens.pt"), weights_only=False)
     assert tokens["train"]["tokens"].shape == (6, 4, 4)
     s2 = stage2_overrides(s1, str(tmp_path / "prior"), max_epochs=1)
     run_bundle(s2, json.dumps([STAGE1, PRIOR, ABSORBING]))
@@ -383,10 +400,10 @@ def test_both_stages_train_under_torchrun(nifti_dir, tmp_path):
 
     s1 = stage1_overrides(nifti_dir, str(tmp_path / "vqvae"), batch_size=2, max_epochs=1)
     torchrun([STANDALONE], s1, [STAGE1, MULTI])
-    ckpt = latest_checkpoint(os.path.join(s1["vqvae_dir"], "checkpoints"))
+    ckpt = latest_checkpoint(os.path.join(s1["output_dir"], "checkpoints"))
     assert ckpt.endswith("checkpoint_3.pt")  # 9 volumes over 2 processes x batch 2 (padded to 10): 3 steps
     tiny_vqvae().load_state_dict(torch.load(s1["vqvae_path"], weights_only=True))
-    assert torch.load(os.path.join(s1["vqvae_dir"], "tokens.pt"), weights_only=False)["train"]["tokens"].shape[0] == 9
+    assert torch.load(os.path.join(s1["output_dir"], "tokens.pt"), weights_only=False)["train"]["tokens"].shape[0] == 9
     s2 = stage2_overrides(s1, str(tmp_path / "prior"), batch_size=2, max_epochs=1)
     torchrun([STANDALONE], s2, [STAGE1, PRIOR, ABSORBING, MULTI])
     state = torch.load(latest_checkpoint(os.path.join(s2["output_dir"], "checkpoints")), weights_only=True)
