@@ -141,8 +141,13 @@ def test_presets_reproduce_reference_examples(preset, resolution, batch):
     # float32, no EMA, no KL schedule, the reference's temperature and decoder
     reference = {"learning_rate": 1e-3, "gradient_clipping_value": 100.0, "gradient_skipping_value": 1e12, "gradient_skip_factor": 0.0,
                  "warmup_iterations": 50, "amp": "none", "ema_decay": 0.0, "beta": 1.0, "kl_warmup_steps": 0, "free_bits": 0.0,
-                 "l2_reg_coeff": 1e-4, "temperature_mode": "latent", "full_resolution_residual": False}
+                 "l2_reg_coeff": 1e-4, "temperature_mode": "latent", "full_resolution_residual": False, "augment": True,
+                 "latent_prior_resolution": 0}
     assert {k: parser[k] for k in reference} == reference
+    # the preset states each per-level list once: the other three channel lists and the top-down kernels follow
+    for key, source in (("channels_hidden", "channels"), ("channels_top_down", "channels"), ("channels_hidden_top_down", "channels"),
+                        ("kernel_sizes_top_down", "kernel_sizes_bottom_up")):
+        assert parser.get_parsed_content(key) == parser[source]
     assert parser.get_parsed_content("optimizer#_target_", instantiate=False) == "torch.optim.Adamax"
 
 
