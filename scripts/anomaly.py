@@ -89,7 +89,7 @@ class VDVAEAnomaly:
     """
 
     def __init__(
-        self, network: nn.Module, method: str = "likelihood", down_to_resolution: int = 16, num_draws: int = 4
+        self, network: nn.Module, method: str = "reconstruction", down_to_resolution: int = 16, num_draws: int = 1
     ) -> None:
         self.vae = getattr(network, "vae", network)
         self.method = _check_method(method, VDVAE_METHODS, "VDVAE")
@@ -156,7 +156,7 @@ class VQAnomaly:
         self,
         generator: nn.Module,
         method: str = "resample",
-        threshold: float = 0.01,
+        threshold: float = 0.001,
         temperature: float = 1.0,
         mask_groups: int = 8,
     ) -> None:
