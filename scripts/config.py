@@ -6,10 +6,12 @@ hyperparameters against ``configs/hyperparameters.schema.json``.
 architecture from ``train.json``) wherever the bundle lies: MONAI's ``"%configs/train.json#key"`` macros are read
 relative to the working directory, this reads them under ``bundle_root``.
 
-``validate_hyperparameters`` is called from a config's ``initialize`` list as
-``$scripts.config.validate_hyperparameters(@hyperparameters_schema)`` (``configs/hyperparameters.schema.json`` for the
-VDVAE, ``configs/vq_hyperparameters.schema.json`` for the VQ family). MONAI gives config expressions no handle on the
-parser, so the function finds the ConfigParser that is evaluating it on the call stack, reads the merged top-level
+``validate_hyperparameters`` is called from a training config's ``initialize`` list as
+``$scripts.config.validate_hyperparameters(@hyperparameters_schema, 'vdvae')`` (``'vq'`` in the VQ family's). The one
+schema, ``configs/hyperparameters.schema.json``, states the options both families share once (``properties``) and
+each family's own under ``definitions/<family>``; ``config_components`` (shared and per family) lists the keys that
+are config structure (networks, engines, ``initialize``...), not options. MONAI gives config expressions no handle on
+the parser, so the function finds the ConfigParser that is evaluating it on the call stack, reads the merged top-level
 keys (config files + command-line overrides), resolves those the schema types, and raises ValueError naming every
 unknown (misspelled) or ill-typed key.
 """
@@ -25,7 +27,7 @@ from typing import Any
 import jsonschema
 from monai.bundle import ConfigParser
 
-__all__ = ["from_config_file", "validate_hyperparameters", "check_hyperparameters"]
+__all__ = ["from_config_file", "family_schema", "validate_hyperparameters", "check_hyperparameters"]
 
 
 def from_config_file(bundle_root: str, config_file: str, key: str, overrides: dict | None = None) -> Any:
@@ -75,8 +77,25 @@ def _active_parser() -> ConfigParser | None:
     return None
 
 
+def family_schema(schema: dict, family: str) -> dict:
+    """The JSON schema of one family's options: the shared ``properties`` and ``config_components`` of the bundle's
+    schema joined with those under ``definitions/<family>``. Raises ValueError naming the known families."""
+    families = schema.get("definitions", {})
+    if family not in families:
+        raise ValueError(f"unknown family {family!r} for the options schema; expected one of {sorted(families)}")
+    own = families[family]
+    return {
+        "type": "object",
+        "properties": {**schema["properties"], **own["properties"]},
+        "config_components": [*schema.get("config_components", []), *own.get("config_components", [])],
+    }
+
+
 def check_hyperparameters(values: dict, schema: dict) -> None:
-    """Raises ValueError listing unknown keys (with a close match) and schema violations of ``values``."""
+    """Raises ValueError listing unknown keys (with a close match) and schema violations of ``values``, given one
+    family's schema (:func:`family_schema`): keys in its ``config_components`` are accepted unchecked."""
+    components = set(schema.get("config_components", []))
+    values = {k: v for k, v in values.items() if k not in components}
     known = set(schema["properties"])
     errors = []
     for key in sorted(set(values) - known):
@@ -93,14 +112,14 @@ def check_hyperparameters(values: dict, schema: dict) -> None:
         raise ValueError("invalid bundle options:\n  - " + "\n  - ".join(errors))
 
 
-def validate_hyperparameters(schema_file: str, parser: ConfigParser | None = None) -> bool:
-    """Validates the active config's top-level keys against the JSON schema ``schema_file``; returns True (so it can
-    sit in an ``initialize`` list)."""
+def validate_hyperparameters(schema_file: str, family: str, parser: ConfigParser | None = None) -> bool:
+    """Validates the active config's top-level keys against ``family``'s part (``"vdvae"`` or ``"vq"``) of the JSON
+    schema ``schema_file``; returns True (so it can sit in an ``initialize`` list)."""
     parser = parser or _active_parser()
     if parser is None:
         raise RuntimeError("validate_hyperparameters must run inside a MONAI ConfigParser (a bundle config expression)")
     with open(schema_file) as f:
-        schema = json.load(f)
+        schema = family_schema(json.load(f), family)
     typed = {k for k, v in schema["properties"].items() if v.get("type") or v.get("enum")}
     values = {}
     for key in parser.config:

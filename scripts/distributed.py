@@ -1,14 +1,19 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Helpers for distributed training with ``torchrun`` (``configs/multi_gpu_train.json``).
 
-The overlay itself follows the MONAI Model Zoo's ``multi_gpu_train.json`` convention (process group created in
-``initialize``, DistributedDataParallel, MONAI ``DistributedSampler``, rank-0-only logging); this module adds
-what the zoo bundles leave implicit:
+The training configs (``train.json``, ``vqvae_train.json``, ``vq_prior.json``) are written for any number of
+processes: their first ``initialize`` step is ``@processes``, which is :func:`require_single_process` in the configs
+themselves and :func:`start_process_group` in the overlay; rank-0-only handlers carry
+``"_disabled_": "$not scripts.handlers.is_main_process()"``; ``finalize`` ends with :func:`end_process_group`. The
+overlay then only adds what differs (the device, DistributedDataParallel, MONAI ``DistributedSampler``), as the
+MONAI Model Zoo's ``multi_gpu_train.json`` files do. This module adds what the zoo bundles leave implicit:
 
 * :func:`local_device` checks that the process was started by ``torchrun`` and returns ``cuda:LOCAL_RANK`` (or
   the CPU), failing with the command to use when it was not;
 * :func:`require_single_process` stops ``configs/train.json`` launched under ``torchrun`` without the overlay
   (N processes training independently into one ``output_dir``);
+* :func:`start_process_group` / :func:`end_process_group` create and destroy the process group of a ``torchrun``
+  process (and quieten the logging of ranks other than 0);
 * :func:`exit_with_launcher` makes the kernel stop a rank whose ``torchrun`` agent died, even by SIGKILL, so a
   killed run leaves no orphan ranks (Ctrl-C and SIGTERM are forwarded to every rank by the agent itself);
 * :func:`agreed_checkpoint` makes every rank resume from the checkpoint rank 0 chose;
@@ -17,6 +22,7 @@ what the zoo bundles leave implicit:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -31,6 +37,8 @@ __all__ = [
     "world_size",
     "local_device",
     "require_single_process",
+    "start_process_group",
+    "end_process_group",
     "exit_with_launcher",
     "agreed_checkpoint",
     "check_volumes_per_rank",
@@ -85,6 +93,29 @@ def require_single_process() -> bool:
             "processes started by torchrun, which would train independently and overwrite each other's "
             f"checkpoints. Add the distributed overlay:\n  {LAUNCH_COMMAND}"
         )
+    return True
+
+
+def start_process_group(device: torch.device) -> bool:
+    """Sets up this ``torchrun`` process (``processes`` in ``configs/multi_gpu_train.json``): arms
+    :func:`exit_with_launcher`, creates the default process group (NCCL for a CUDA ``device``, else Gloo) unless one
+    exists, makes ``device`` the current CUDA device, and lowers the logging of every rank but 0 to warnings.
+    Returns True."""
+    exit_with_launcher()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.get_rank() > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return True
+
+
+def end_process_group() -> bool:
+    """Destroys the default process group if there is one (the last ``finalize`` step of the training configs).
+    Returns True."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return True
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from scripts.config import check_hyperparameters, family_schema
 from scripts.handlers import latest_checkpoint
 from scripts.networks import VDVAE
 from tests.conftest import ROOT, tiny_architecture
@@ -89,6 +90,35 @@ def test_resume_is_exact_at_epoch_boundaries(tmp_path, nifti_dir):
     b = torch.load(latest_checkpoint(os.path.join(split, "checkpoints")), weights_only=True)["network"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "family, config_files",
+    [
+        ("vdvae", ["configs/train.json"]),
+        ("vdvae", ["configs/train.json", "configs/vdvae_128.json", "configs/multi_gpu_train.json"]),
+        ("vq", ["configs/vqvae_train.json"]),
+        ("vq", ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_prior_absorbing.json"]),
+    ],
+)
+def test_one_schema_covers_each_family_and_rejects_the_other_familys_options(family, config_files):
+    with open(os.path.join(ROOT, "configs/hyperparameters.schema.json")) as f:
+        schema = json.load(f)
+    own = family_schema(schema, family)
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, c) for c in config_files])
+    keys = set(parser.config)
+    assert keys <= set(own["properties"]) | set(own["config_components"]), keys - set(own["properties"])
+    other = {"vdvae": "vq", "vq": "vdvae"}[family]
+    foreign = sorted(set(schema["definitions"][other]["properties"]) - set(own["properties"]))[0]
+    with pytest.raises(ValueError, match=f"unknown option '{foreign}'"):
+        check_hyperparameters({foreign: None}, own)
+    check_hyperparameters({"batch_size": 2, "resolution": 32}, own)  # a shared option, checked once for both
+    with pytest.raises(ValueError, match="option 'batch_size'"):
+        check_hyperparameters({"batch_size": 0}, own)
+    assert set(schema["properties"]).isdisjoint(schema["definitions"][family]["properties"])  # each stated once
+    with pytest.raises(ValueError, match="unknown family 'gan'"):
+        family_schema(schema, "gan")
 
 
 def test_bad_options_are_reported_by_name(tmp_path, nifti_dir):

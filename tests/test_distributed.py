@@ -386,36 +386,50 @@ def test_bad_launches_say_how_to_launch(tmp_path, nifti_dir, monkeypatch):
     assert check_volumes_per_rank(SimpleNamespace(val_files=["a.nii", "b.nii", "c.nii"]))
 
 
-def test_overlay_keeps_train_initialize_and_silences_only_logging_on_other_ranks():
-    with open(os.path.join(ROOT, TRAIN)) as f:
-        train_init = json.load(f)["initialize"]
-    with open(os.path.join(ROOT, MULTI)) as f:
-        multi_init = json.load(f)["initialize"]
-    for item in train_init:  # the overlay restates train.json's initialize after setting up the process group
-        if "require_single_process" in item:
-            assert item not in multi_init
-        elif "ProgressBar" in item:
-            assert f"{item[1:]} if dist.get_rank() == 0 else None" in [m[1:] for m in multi_init]
-        else:
-            assert item in multi_init, item
-    assert multi_init.index("$scripts.config.validate_hyperparameters(@hyperparameters_schema)") > [
-        i for i, m in enumerate(multi_init) if "init_process_group" in m
-    ][0]
+RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "scripts.handlers.VolumeImageLogger"}
 
-    parser = ConfigParser()
-    parser.read_config([os.path.join(ROOT, f) for f in (TRAIN, "configs/vdvae_64.json", MULTI)])
-    assert parser["resolution"] == 64 and parser["batch_size"] == 8
-    assert parser["train#training_network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
-    off = {
-        (section, i): parser[f"{section}#handlers#{i}"]["_target_"]
-        for section in ("train", "validate")
-        for i, h in enumerate(parser[f"{section}#handlers"])
-        if isinstance(h, dict) and "_disabled_" in h
-    }
-    assert off == {
-        ("train", 2): "StatsHandler",
-        ("train", 3): "TensorBoardStatsHandler",
-        ("validate", 0): "StatsHandler",
-        ("validate", 1): "TensorBoardStatsHandler",
-        ("validate", 3): "scripts.handlers.VolumeImageLogger",
-    }
+
+@pytest.mark.parametrize(
+    "config_files",
+    [[TRAIN], [TRAIN, "configs/vdvae_64.json"], ["configs/vqvae_train.json"], ["configs/vqvae_train.json", "configs/vq_prior.json"]],
+)
+def test_overlay_only_adds_and_rank0_handlers_are_switched_off_by_an_expression(config_files):
+    with open(os.path.join(ROOT, MULTI)) as f:
+        overlay = json.load(f)
+    # the overlay restates nothing of the training configs: no initialize, finalize or handler positions
+    assert {k.split("#")[0] for k in overlay} == {"device", "processes", "train", "validate"}
+    assert not [k for k in overlay if "handlers" in k or k in ("initialize", "finalize", "run")]
+
+    single, multi = ConfigParser(), ConfigParser()
+    single.read_config([os.path.join(ROOT, f) for f in config_files])
+    multi.read_config([os.path.join(ROOT, f) for f in [*config_files, MULTI]])
+    assert multi["initialize"] == single["initialize"] and multi["finalize"] == single["finalize"]
+    assert single["initialize"][0] == multi["initialize"][0] == "$@processes"  # before anything is built
+    assert single["processes"] == "$scripts.distributed.require_single_process()"
+    assert multi["processes"] == "$scripts.distributed.start_process_group(@device)"
+    assert multi["finalize"][-1] == "$scripts.distributed.end_process_group()"
+    assert multi["train#training_network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    for section in ("train", "validate"):  # whatever their order, the logging handlers run on rank 0 only
+        for h in single[f"{section}#handlers"]:
+            target = h.get("_target_") if isinstance(h, dict) else h
+            assert (isinstance(h, dict) and h.get("_disabled_") == "$not scripts.handlers.is_main_process()") == (
+                target in RANK0_ONLY
+            ), (section, target)
+
+
+def test_rank0_handlers_are_built_on_rank0_only(monkeypatch, tmp_path, nifti_dir):
+    monkeypatch.chdir(ROOT)
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    built = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        parser = ConfigParser()
+        parser.read_config(os.path.join(ROOT, TRAIN))
+        parser.update(tiny_overrides(nifti_dir, str(tmp_path / rank)))
+        handlers = parser.get_parsed_content("validate#handlers")
+        built[rank] = (sorted(type(h).__name__ for h in handlers), parser.get_parsed_content("summary_writer"))
+    assert built["0"][0] == ["BestModelSaver", "StatsHandler", "TensorBoardStatsHandler", "VolumeImageLogger"]
+    assert built["1"][0] == ["BestModelSaver"] and built["1"][1] is None
+    built["0"][1].close()
+    assert os.listdir(tmp_path / "0" / "tensorboard") and not (tmp_path / "1" / "tensorboard").exists()
