@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from scripts.generate_synthetic_data import generate_synthetic_data  # noqa: E402
+from scripts.engine.generate_synthetic_data import generate_synthetic_data  # noqa: E402
 
 
 def tiny_architecture(resolution: int = 16, width: int = 8) -> dict:

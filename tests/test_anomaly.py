@@ -1,4 +1,4 @@
-"""Anomaly maps (scripts/anomaly.py, configs/anomaly.json, configs/vq_anomaly.json) and the benchmark's metrics and
+"""Anomaly maps (scripts/engine/anomaly.py, configs/anomaly.json, configs/vq_anomaly.json) and the benchmark's metrics and
 lesions, with tiny untrained networks on tiny volumes."""
 
 from __future__ import annotations
@@ -14,23 +14,11 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from scripts.anomaly import (
-    IntensityAnomaly,
-    VDVAEAnomaly,
-    VQAnomaly,
-    auroc,
-    average_precision,
-    best_dice,
-    dice_at,
-    resample_to_grid,
-    smooth_maps,
-    volume_scores,
-    write_anomaly_maps,
-)
-from scripts.anomaly_benchmark import LESIONS, brain_mask, synthesise
-from scripts.config import from_config_file
-from scripts.networks import VDVAE
-from scripts.vq import VQVAE, AutoregressivePrior, VQGenerator
+from scripts.engine.anomaly import IntensityAnomaly, VDVAEAnomaly, VQAnomaly, auroc, average_precision, best_dice, dice_at, resample_to_grid, smooth_maps, volume_scores, write_anomaly_maps
+from scripts.tools.anomaly_benchmark import LESIONS, brain_mask, synthesise
+from scripts.engine.config import from_config_file
+from scripts.vdvae.network import VDVAE
+from scripts.vq.networks import VQVAE, AutoregressivePrior, VQGenerator
 from tests.conftest import ROOT, tiny_architecture
 from tests.test_bundle import run_bundle
 
@@ -175,7 +163,7 @@ def test_outputs_lie_on_the_input_grid_when_it_is_not_the_training_grid(tmp_path
     _save(_phantom(affine, shape), affine, str(folder / "other_grid.nii.gz"))
     _save(_phantom(TRAIN_AFFINE, (R,) * 3), TRAIN_AFFINE, str(folder / "training_grid.nii"))
     model = _model(tmp_path, _deterministic_vdvae())
-    with caplog.at_level(logging.WARNING, logger="scripts.anomaly"):
+    with caplog.at_level(logging.WARNING, logger="scripts.engine.anomaly"):
         rows = write_anomaly_maps(
             IntensityAnomaly("high"), str(folder), str(tmp_path / "out"), _preprocessing(), model, batch_size=2
         )

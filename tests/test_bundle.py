@@ -9,9 +9,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.config import check_hyperparameters, family_schema
-from scripts.handlers import latest_checkpoint
-from scripts.networks import VDVAE
+from scripts.engine.config import check_hyperparameters, family_schema
+from scripts.engine.handlers import latest_checkpoint
+from scripts.vdvae.network import VDVAE
 from tests.conftest import ROOT, tiny_architecture
 
 

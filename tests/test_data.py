@@ -7,9 +7,9 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
-from scripts.data import DataSplit, check_nifti_header, find_niftis, make_dataset
-from scripts.generate_synthetic_data import generate_synthetic_data, synthetic_volume
-from scripts.transforms import LoadVolumed, RandAxisResampled, RandGhostingd, RandMotiond, RandZeroEdgesd, ValidateVolumed
+from scripts.engine.data import DataSplit, check_nifti_header, find_niftis, make_dataset
+from scripts.engine.generate_synthetic_data import generate_synthetic_data, synthetic_volume
+from scripts.engine.transforms import LoadVolumed, RandAxisResampled, RandGhostingd, RandMotiond, RandZeroEdgesd, ValidateVolumed
 
 
 def _save(path, data, affine=None):
@@ -139,8 +139,8 @@ def test_disk_cache_never_serves_stale_data(tmp_path):
 
 
 def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
-    from scripts.check_samples import dice
-    from scripts.default_data import generate_mni_cohort, template_volume
+    from scripts.tools.check_samples import dice
+    from scripts.engine.default_data import generate_mni_cohort, template_volume
 
     paths = generate_mni_cohort(str(tmp_path), number_of_files=3, voxels_per_axis=16, seed=2)
     vols = np.stack([nib.load(p).get_fdata() for p in paths])
@@ -155,7 +155,7 @@ def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
 
 
 def test_dice():
-    from scripts.check_samples import dice
+    from scripts.tools.check_samples import dice
 
     a = np.zeros((4, 4, 4), bool)
     a[:2] = True

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from scripts.distributed import TORCHRUN_ENV, check_volumes_per_rank
-from scripts.handlers import latest_checkpoint
-from scripts.networks import VDVAE
-from scripts.trainer import VDVAEEvaluator
+from scripts.engine.distributed import TORCHRUN_ENV, check_volumes_per_rank
+from scripts.engine.handlers import latest_checkpoint
+from scripts.vdvae.network import VDVAE
+from scripts.vdvae.trainer import VDVAEEvaluator
 from tests.conftest import ROOT, tiny_architecture
 from tests.test_bundle import run_bundle, tiny_overrides
 
@@ -386,7 +386,7 @@ def test_bad_launches_say_how_to_launch(tmp_path, nifti_dir, monkeypatch):
     assert check_volumes_per_rank(SimpleNamespace(val_files=["a.nii", "b.nii", "c.nii"]))
 
 
-RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "scripts.handlers.VolumeImageLogger"}
+RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "scripts.engine.handlers.VolumeImageLogger"}
 
 
 @pytest.mark.parametrize(
@@ -405,14 +405,14 @@ def test_overlay_only_adds_and_rank0_handlers_are_switched_off_by_an_expression(
     multi.read_config([os.path.join(ROOT, f) for f in [*config_files, MULTI]])
     assert multi["initialize"] == single["initialize"] and multi["finalize"] == single["finalize"]
     assert single["initialize"][0] == multi["initialize"][0] == "$@processes"  # before anything is built
-    assert single["processes"] == "$scripts.distributed.require_single_process()"
-    assert multi["processes"] == "$scripts.distributed.start_process_group(@device)"
-    assert multi["finalize"][-1] == "$scripts.distributed.end_process_group()"
+    assert single["processes"] == "$scripts.engine.distributed.require_single_process()"
+    assert multi["processes"] == "$scripts.engine.distributed.start_process_group(@device)"
+    assert multi["finalize"][-1] == "$scripts.engine.distributed.end_process_group()"
     assert multi["train#training_network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
     for section in ("train", "validate"):  # whatever their order, the logging handlers run on rank 0 only
         for h in single[f"{section}#handlers"]:
             target = h.get("_target_") if isinstance(h, dict) else h
-            assert (isinstance(h, dict) and h.get("_disabled_") == "$not scripts.handlers.is_main_process()") == (
+            assert (isinstance(h, dict) and h.get("_disabled_") == "$not scripts.engine.handlers.is_main_process()") == (
                 target in RANK0_ONLY
             ), (section, target)
 

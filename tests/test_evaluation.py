@@ -21,10 +21,10 @@ from monai.metrics import MultiScaleSSIMMetric
 from monai.transforms import LoadImage
 from PIL import Image
 
-from scripts.evaluation import RandomFeatureNet, ms_ssim_parameters
-from scripts.generate_synthetic_data import generate_synthetic_data
-from scripts.networks import VDVAE
-from scripts.sampling import SampleRequests, SamplingEvaluator
+from scripts.engine.evaluation import RandomFeatureNet, ms_ssim_parameters
+from scripts.engine.generate_synthetic_data import generate_synthetic_data
+from scripts.vdvae.network import VDVAE
+from scripts.engine.sampling import SampleRequests, SamplingEvaluator
 from tests.conftest import ROOT, tiny_architecture
 
 ARCH = {"resolution": 16, **tiny_architecture(16)}

@@ -4,8 +4,8 @@ latents."""
 import pytest
 import torch
 
-from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
-from scripts.networks import VDVAE
+from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+from scripts.vdvae.network import VDVAE
 from tests.conftest import tiny_architecture
 
 
@@ -75,7 +75,7 @@ def test_bundle_fits_the_prior_after_training_and_inference_uses_it(tmp_path, ni
 
     import nibabel as nib
 
-    from scripts.latent_prior import latent_prior_path
+    from scripts.vdvae.latent_prior import latent_prior_path
     from tests.test_bundle import run_bundle, tiny_overrides
 
     out = str(tmp_path / "train")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.losses import ELBOLoss, discretized_gaussian_nll, gaussian_nll, negative_elbo_terms
-from scripts.networks import VDVAE
+from scripts.vdvae.loss import ELBOLoss, discretized_gaussian_nll, gaussian_nll, negative_elbo_terms
+from scripts.vdvae.network import VDVAE
 from tests.conftest import tiny_architecture
 
 

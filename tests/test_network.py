@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from scripts.networks import VDVAE, VDVAETrainingStep, gaussian_kl
+from scripts.vdvae.network import VDVAE, VDVAETrainingStep, gaussian_kl
 from tests.conftest import reference_architecture, tiny_architecture
 
 
@@ -128,7 +128,7 @@ def test_torchscript_matches_eager():
 
 
 def _loss_and_grads(net, x, seed):
-    from scripts.losses import ELBOLoss
+    from scripts.vdvae.loss import ELBOLoss
 
     torch.manual_seed(seed)
     net.zero_grad(set_to_none=True)
@@ -159,7 +159,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_noise_follows_the_channels_last_layout():
-    from scripts.networks import standard_normal_like
+    from scripts.vdvae.network import standard_normal_like
 
     t = torch.zeros(2, 6, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)[:, :3]
     noise = standard_normal_like(t)
@@ -174,7 +174,7 @@ def test_noise_follows_the_channels_last_layout():
 
 
 def test_fused_kl_per_volume_matches_autograd_of_the_elementwise_kl():
-    from scripts.networks import gaussian_kl_per_volume
+    from scripts.vdvae.network import gaussian_kl_per_volume
 
     torch.manual_seed(0)
     shape = (3, 4, 5, 5, 5)
@@ -200,7 +200,7 @@ def test_fused_kl_per_volume_matches_autograd_of_the_elementwise_kl():
 def test_kl_divides_by_the_floored_prior_variance():
     """Prior scales below sqrt(1e-5) divide by 1e-5, as in the reference; the fused KL's gradients there equal
     autograd's through the clamp (zero through the floored variance)."""
-    from scripts.networks import gaussian_kl_per_volume
+    from scripts.vdvae.network import gaussian_kl_per_volume
 
     mq, sq, mp = torch.tensor([0.3]), torch.tensor([0.01]), torch.tensor([0.1])
     for sp in (0.001, 0.5):
@@ -223,7 +223,7 @@ def test_kl_divides_by_the_floored_prior_variance():
 def test_temperature_mode_definition(monkeypatch, mode):
     """A prior draw at temperature T is T * (mu + sigma * eps) ("latent", the reference's) or mu + T * sigma * eps
     ("std"); the top group draws T * eps either way."""
-    import scripts.networks as networks
+    import scripts.vdvae.network as networks
 
     torch.manual_seed(0)
     net = VDVAE(8, **tiny_architecture(8), temperature_mode=mode)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from scripts.losses import ELBOLoss
-from scripts.networks import VDVAE
-from scripts.trainer import autocast
+from scripts.vdvae.loss import ELBOLoss
+from scripts.vdvae.network import VDVAE
+from scripts.engine.training import autocast
 from tests.conftest import tiny_architecture
 
 # stated tolerance (docs/performance.md): the first-step ELBO loss of the bfloat16 channels-last path is within
@@ -47,7 +47,7 @@ def test_benchmark_counts_convolution_flops_like_torch():
     """The benchmark's analytic FLOP count of a training step equals torch's FlopCounterMode on the same step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from scripts.benchmark import FLOAT32, ConvolutionOnlyModel, TrainingStep
+    from scripts.tools.benchmark import FLOAT32, ConvolutionOnlyModel, TrainingStep
 
     step = TrainingStep.__new__(TrainingStep)  # a tiny network instead of a preset
     step.path, step.device = FLOAT32, torch.device("cpu")
@@ -66,7 +66,7 @@ def test_benchmark_counts_convolution_flops_like_torch():
 
 _RSS_AFTER_FREE = """
 import sys, torch
-from scripts.trainer import configure_allocator
+from scripts.engine.training import configure_allocator
 setting = sys.argv[1]
 applied = configure_allocator(lean_memory=setting == "lean") if setting != "default" else True
 def rss_mb():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.handlers import WallClockSnapshots
-from scripts.quality_benchmark import Reference, _parser, main, plot_curves
+from scripts.engine.handlers import WallClockSnapshots
+from scripts.tools.quality_benchmark import Reference, _parser, main, plot_curves
 from tests.test_bundle import tiny_overrides
 
 

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-import scripts.networks as networks
-from scripts.losses import ELBOLoss
-from scripts.networks import ARCHITECTURE_LISTS, VDVAE
-from scripts.reference import REFERENCE_GRAPHS, convert_reference_state_dict, to_reference_state_dict
-from scripts.trainer import backward_and_clip
+import scripts.vdvae.network as networks
+from scripts.vdvae.loss import ELBOLoss
+from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
+from scripts.vdvae.reference import REFERENCE_GRAPHS, convert_reference_state_dict, to_reference_state_dict
+from scripts.engine.training import backward_and_clip
 from tests.conftest import ROOT
 
 PARITY = os.path.join(os.path.dirname(ROOT), "shared", "parity")
@@ -92,7 +92,7 @@ def test_training_pass_equals_the_reference(fixture, zero_noise, which):
 
 
 def _key_rows(net):
-    from scripts.reference import reference_key_map
+    from scripts.vdvae.reference import reference_key_map
 
     for graph, ref_module, our_module in reference_key_map(net):
         for param in ("weight", "bias"):
@@ -166,12 +166,12 @@ def test_converter_names_the_first_mismatch(fixture):
 
 
 def test_converter_command_line(fixture, tmp_path, zero_noise):
-    """``python -m scripts.reference`` builds network_def from the configs (with overrides) and writes weights that
+    """``python -m scripts.vdvae.reference`` builds network_def from the configs (with overrides) and writes weights that
     load into it and give the reference's loss."""
     outputs, resolution, arch, x = fixture
     out = tmp_path / "model.pt"
     overrides = [f"--{k}={v}".replace(" ", "") for k, v in arch.items()]
-    cmd = [sys.executable, "-m", "scripts.reference", "--reference_checkpoint", os.path.join(PARITY, WEIGHTS["perturbed"]),
+    cmd = [sys.executable, "-m", "scripts.vdvae.reference", "--reference_checkpoint", os.path.join(PARITY, WEIGHTS["perturbed"]),
            "--config_file", "configs/train.json", "--output", str(out), f"--resolution={resolution}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,8 +15,8 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from scripts.config import from_config_file
-from scripts.networks import VDVAE
+from scripts.engine.config import from_config_file
+from scripts.vdvae.network import VDVAE
 from tests.conftest import ROOT, copy_bundle, files_under, tiny_architecture
 from tests.test_bundle import run_bundle, tiny_overrides
 

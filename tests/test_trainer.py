@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from scripts.networks import VDVAE
-from scripts.trainer import GradientSkipper, autocast, make_ema
+from scripts.vdvae.network import VDVAE
+from scripts.vdvae.trainer import GradientSkipper, make_ema
+from scripts.engine.training import autocast
 from tests.conftest import tiny_architecture
 
 

@@ -1,4 +1,4 @@
-"""The VQ family (scripts/vq.py, scripts/vq_trainer.py, configs/vqvae_train.json, the prior overlays, vq_inference.json
+"""The VQ family (scripts/vq/networks.py, scripts/vq/trainer.py, configs/vqvae_train.json, the prior overlays, vq_inference.json
 and vq_evaluate.json): shapes, the codebook, the absorbing-diffusion loss and sampler, completion, and bundle runs of
 each stage with tiny settings (single process and under torchrun)."""
 
@@ -15,18 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from scripts.handlers import latest_checkpoint
-from scripts.vq import (
-    VQVAE,
-    AbsorbingDiffusionPrior,
-    AutoregressivePrior,
-    VQGenerator,
-    absorbing_diffusion_loss,
-    codebook_usage,
-    region_token_mask,
-)
+from scripts.engine.handlers import latest_checkpoint
+from scripts.vq.networks import VQVAE, AbsorbingDiffusionPrior, AutoregressivePrior, VQGenerator, absorbing_diffusion_loss, codebook_usage
+from scripts.vq.completion import region_token_mask
 from tests.conftest import copy_bundle, files_under
 from tests.test_bundle import run_bundle
 
@@ -412,7 +404,7 @@ def test_both_stages_train_under_torchrun(nifti_dir, tmp_path):
 
 
 def test_compare_reports_formats_both_families_from_the_reports(tmp_path):
-    from scripts.compare_reports import comparison_rows, main
+    from scripts.tools.compare_reports import comparison_rows, main
 
     def report(likelihood: dict) -> dict:
         stats = {"median": 0.2}

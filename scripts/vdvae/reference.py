@@ -15,7 +15,7 @@ DistributedDataParallel included). The reference numbers its modules per level:
 
 Command line (writes a plain state dict for ``network_def``)::
 
-    python -m scripts.reference --reference_checkpoint ref.pth --config_file configs/train.json [--output models/model.pt]
+    python -m scripts.vdvae.reference --reference_checkpoint ref.pth --config_file configs/train.json [--output models/model.pt]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from scripts.networks import VDVAE, TopDownBlock
+from scripts.vdvae.network import VDVAE, TopDownBlock
 
 __all__ = ["REFERENCE_GRAPHS", "reference_key_map", "convert_reference_state_dict", "to_reference_state_dict", "convert"]
 

@@ -91,7 +91,7 @@ class DataSplit:
         max_niis_to_use: use only the first N files (sorted by name); None or 0 for all.
         default_dataset_dir: the built-in data folder; when ``dataset_dir`` is it and it is missing, the MNI
             template cohort is generated there first (rank 0 only; other ranks wait).
-        default_dataset_kwargs: arguments of :func:`scripts.default_data.generate_mni_cohort`.
+        default_dataset_kwargs: arguments of :func:`scripts.engine.default_data.generate_mni_cohort`.
         channels: volumes per file (1, or a 4-D file of paired volumes as channels).
     """
 
@@ -203,7 +203,7 @@ def ensure_default_dataset(folder: str, timeout_s: float = 1800.0, **kwargs) -> 
                 )
             time.sleep(1.0)
         return
-    from scripts.default_data import generate_mni_cohort
+    from scripts.engine.default_data import generate_mni_cohort
 
     logger.info(f"generating the built-in MNI template cohort into {folder} (first use only)")
     for stale in glob.glob(f"{folder.rstrip('/')}.tmp*"):  # left by an interrupted generation

@@ -22,8 +22,8 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
-from scripts.trainer import autocast
-from scripts.visualisation import montage, save_png
+from scripts.engine.training import autocast
+from scripts.engine.visualisation import montage, save_png
 
 __all__ = [
     "nifti_array",

@@ -10,7 +10,7 @@ Two priors over a token grid of L positions and K codes, both (B, *grid) long te
   with the reweighted ELBO of absorbing discrete diffusion (Austin et al. 2021; Bond-Taylor et al. 2022) and
   sampled by unmasking each still-masked token with probability 1/t at step t = T..1.
 
-:class:`VQGenerator` joins a VQ-VAE and a prior behind the interface ``scripts.evaluation.evaluate`` uses:
+:class:`VQGenerator` joins a VQ-VAE and a prior behind the interface ``scripts.engine.evaluation.evaluate`` uses:
 ``resolution``, ``forward(x)`` (reconstruction), ``sample(n, temperature)`` and ``likelihood(x)``.
 """
 
@@ -18,33 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import VQVAETransformerInferer
-from monai.networks.nets import DecoderOnlyTransformer
 from monai.networks.nets import VQVAE as MonaiVQVAE
+from monai.networks.nets import DecoderOnlyTransformer
 from monai.utils.ordering import Ordering
 from torch import nn
 
-__all__ = [
-    "VQVAE",
-    "VQVAETrainingStep",
-    "codebook_usage",
-    "AutoregressivePrior",
-    "AbsorbingDiffusionPrior",
-    "absorbing_diffusion_loss",
-    "VQGenerator",
-    "region_token_mask",
-    "write_token_grids",
-    "load_token_grids",
-    "select_prior",
-    "require_prior",
-    "complete_volumes",
-]
+__all__ = ['VQVAE', 'VQVAETrainingStep', 'codebook_usage', 'AutoregressivePrior', 'AbsorbingDiffusionPrior', 'absorbing_diffusion_loss', 'VQGenerator', 'select_prior', 'require_prior']
 
 logger = logging.getLogger(__name__)
 
@@ -386,25 +370,8 @@ class AbsorbingDiffusionPrior(nn.Module):
 # ---------------------------------------------------------------------------------------------------- generator
 
 
-def region_token_mask(token_grid: Sequence[int], n: int, keep: str) -> torch.Tensor:
-    """(n, *grid) bool mask of the tokens to keep for completion: ``keep`` is "first_half" / "second_half" of the
-    last axis (seed 002 generates the other half) or "centre" (the middle half of every axis)."""
-    grid = tuple(token_grid)
-    mask = torch.zeros(grid, dtype=torch.bool)
-    half = grid[-1] // 2
-    if keep == "first_half":
-        mask[..., :half] = True
-    elif keep == "second_half":
-        mask[..., half:] = True
-    elif keep == "centre":
-        mask[tuple(slice(s // 4, s - s // 4) for s in grid)] = True
-    else:
-        raise ValueError(f"keep must be 'first_half', 'second_half' or 'centre', got {keep!r}")
-    return mask.expand((n,) + grid).clone()
-
-
 class VQGenerator(nn.Module):
-    """A VQ-VAE and a prior over its tokens, as one generator (the interface ``scripts.evaluation.evaluate`` uses).
+    """A VQ-VAE and a prior over its tokens, as one generator (the interface ``scripts.engine.evaluation.evaluate`` uses).
 
     Args:
         vqvae: the trained stage-1 :class:`VQVAE` (frozen).
@@ -466,57 +433,6 @@ class VQGenerator(nn.Module):
 # ---------------------------------------------------------------------------------------------------- token files
 
 
-@torch.no_grad()
-def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.device | str, vqvae_path: str) -> str:
-    """Loads the stage-1 weights ``vqvae_path`` into ``vqvae``, encodes every volume of each loader in ``loaders``
-    ({"train": ..., "val": ...}, deterministic preprocessing) and saves {split: {"tokens": (N, *grid) int16,
-    "files": [...], "codebook_usage": {...}}, "vqvae": vqvae_path, ...} to ``path`` (atomically) for stage 2.
-    Logs progress."""
-    from scripts.sampling import load_weights
-
-    vqvae = load_weights(vqvae, vqvae_path, device)
-    vqvae = vqvae.to(device).eval()
-    out: dict = {"vqvae": vqvae_path, "token_grid": list(vqvae.token_grid), "num_embeddings": vqvae.num_embeddings}
-    for split, loader in loaders.items():
-        grids, files = [], []
-        for i, batch in enumerate(loader):
-            x = batch["image"]
-            x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device).float()
-            grids.append(vqvae.tokens(x).to(torch.int16).cpu())
-            meta = getattr(batch["image"], "meta", {})
-            files.extend(list(meta.get("filename_or_obj", [None] * x.shape[0])))
-            logger.info(f"tokens: {split} batch {i + 1}/{len(loader)}")
-        tokens = torch.cat(grids)
-        counts = torch.bincount(tokens.reshape(-1).long(), minlength=vqvae.num_embeddings)
-        out[split] = {"tokens": tokens, "files": files, "codebook_usage": codebook_usage(counts)}
-        logger.info(f"tokens: {split}: {tokens.shape[0]} grids of {tuple(tokens.shape[1:])}, {out[split]['codebook_usage']}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(out, tmp)
-    os.replace(tmp, path)
-    logger.info(f"wrote {path}")
-    return path
-
-
-def load_token_grids(path: str, split: str) -> list[dict]:
-    """The ``split`` token grids of a :func:`write_token_grids` file as a list of {"tokens": (*grid) long} items;
-    a clear error when the file is missing (run stage 1 first)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"token file {path} does not exist: train stage 1 first (python -m monai.bundle run --config_file "
-            "configs/vqvae_train.json), or write the tokens of a trained VQ-VAE with python -m monai.bundle run tokenize "
-            "--config_file configs/vqvae_train.json; a stage-1 run with another --output_dir is found with "
-            "--vqvae_dir <that output_dir>"
-        )
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    if split not in data:
-        raise KeyError(f"{path} holds no {split!r} token grids (has {[k for k in data if isinstance(data[k], dict)]})")
-    return [{"tokens": t.long()} for t in data[split]["tokens"]]
-
-
-# ---------------------------------------------------------------------------------------------------- inference
-
-
 def require_prior(network: nn.Module) -> nn.Module:
     """``network`` when it is a prior; else a ValueError saying that stage 2 needs a prior overlay."""
     if not isinstance(network, (AutoregressivePrior, AbsorbingDiffusionPrior)):
@@ -532,64 +448,3 @@ def select_prior(priors: dict, name: str) -> nn.Module:
     if name not in priors:
         raise ValueError(f"prior must be one of {sorted(priors)}, got {name!r}")
     return priors[name]
-
-
-@torch.no_grad()
-def complete_volumes(
-    generator: VQGenerator,
-    files: Sequence[str],
-    preprocessing,
-    output_dir: str,
-    keep: str = "first_half",
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 4,
-    device: torch.device | str = "cpu",
-    model_path: str | None = None,
-) -> list[str]:
-    """Masked completion (seed 002): for each file, keeps the tokens of the ``keep`` region (see
-    :func:`region_token_mask`) and lets the prior generate the rest. Writes, per input ``<name>``,
-    ``<name>_input.nii.gz`` (the preprocessed input), ``<name>_given.nii.gz`` (the input where tokens were kept,
-    -1 elsewhere on the [-1, 1] scale) and ``<name>_completed.nii.gz``, on the training grid and intensity window
-    (sidecar of ``model_path``), plus ``completion.png`` (rows: given | completed | input). Batch b is seeded
-    with ``seed + b``. Returns the paths of the completed volumes."""
-    from monai.data import DataLoader, Dataset
-
-    from scripts.data import find_niftis
-    from scripts.sampling import nifti_array, read_sidecar, save_nifti
-    from scripts.visualisation import montage, save_png
-
-    if isinstance(files, str):
-        files = find_niftis(files)
-    if not files:
-        raise ValueError("complete_dir holds no volumes to complete")
-    info = read_sidecar(model_path) if model_path else {}
-    affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
-    low, high = float(info.get("intensity_low", -1.0)), float(info.get("intensity_high", 1.0))
-    generator = generator.to(device).eval()
-    os.makedirs(output_dir, exist_ok=True)
-    loader = DataLoader(Dataset([{"image": f} for f in files], preprocessing), batch_size=batch_size, shuffle=False)
-    written, rows, i = [], [], 0
-    for b, batch in enumerate(loader):
-        x = batch["image"]
-        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device).float()
-        mask = region_token_mask(generator.vqvae.token_grid, x.shape[0], keep).to(device)
-        torch.manual_seed(seed + b)
-        completed, _ = generator.complete(x, mask, temperature)
-        scale = generator.vqvae.resolution // mask.shape[-1]
-        voxel_mask = mask[:, None].float()
-        for axis in range(2, voxel_mask.ndim):
-            voxel_mask = voxel_mask.repeat_interleave(scale, dim=axis)
-        given = torch.where(voxel_mask.bool(), x, torch.full_like(x, -1.0))
-        for item in range(x.shape[0]):
-            name = os.path.basename(files[i]).split(".nii")[0]
-            for suffix, vol in (("input", x[item]), ("given", given[item]), ("completed", completed[item].float().clamp(-1, 1))):
-                path = save_nifti(nifti_array(vol.cpu().numpy(), low, high), affine, os.path.join(output_dir, f"{name}_{suffix}.nii.gz"))
-            written.append(path)
-            if len(rows) < 8:
-                rows.append(torch.cat([given[item], completed[item].float().clamp(-1, 1), x[item]], dim=0).cpu())
-            i += 1
-        logger.info(f"completion: {i}/{len(files)} volumes")
-    save_png(montage(torch.stack(rows)), os.path.join(output_dir, "completion.png"))
-    logger.info(f"wrote {len(written)} completions to {output_dir}")
-    return written

@@ -16,8 +16,13 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from scripts.trainer import AmpEvaluator, AmpTrainer, autocast, backward_and_clip
-from scripts.vq import codebook_usage
+from scripts.engine.training import (
+    AmpEvaluator,
+    AmpTrainer,
+    autocast,
+    backward_and_clip,
+)
+from scripts.vq.networks import codebook_usage
 
 __all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "psnr_metric"]
 
@@ -43,7 +48,7 @@ def _step(engine: SupervisedTrainer, loss: torch.Tensor) -> float:
 
 
 class VQVAETrainer(AmpTrainer):
-    """Stage 1: ``network`` is a :class:`scripts.vq.VQVAETrainingStep` (possibly in DDP). Loss = MSE of the
+    """Stage 1: ``network`` is a :class:`scripts.vq.networks.VQVAETrainingStep` (possibly in DDP). Loss = MSE of the
     reconstruction + the quantiser's commitment loss; the codebook moves by EMA.
 
     ``state.output``: ``image``, ``pred`` (reconstruction), ``tokens`` (B, *grid), ``recon_mse`` (B,), ``loss`` and
@@ -80,7 +85,7 @@ class VQVAETrainer(AmpTrainer):
 class VQVAEEvaluator(AmpEvaluator):
     """Stage-1 validation: reconstructs through the codebook (eval mode, no EMA step). ``state.output``: ``image``,
     ``pred`` and ``recon`` (the reconstruction, for the metrics and for TensorBoard), ``tokens``, ``recon_mse`` (B,).
-    ``network`` is the :class:`scripts.vq.VQVAE`."""
+    ``network`` is the :class:`scripts.vq.networks.VQVAE`."""
 
     def _iteration(self, engine: VQVAEEvaluator, batchdata: dict) -> dict:
         x = _image(batchdata, engine.state.device, engine.non_blocking, engine.channels_last)
@@ -134,7 +139,7 @@ def psnr_metric() -> IgniteMetricHandler:
 
 
 class PriorTrainer(AmpTrainer):
-    """Stage 2: ``network`` is a prior (:class:`scripts.vq.AutoregressivePrior` or :class:`scripts.vq.AbsorbingDiffusionPrior`,
+    """Stage 2: ``network`` is a prior (:class:`scripts.vq.networks.AutoregressivePrior` or :class:`scripts.vq.networks.AbsorbingDiffusionPrior`,
     possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) to its loss terms.
 
     ``state.output``: ``bits_per_token`` (B,; exact NLL or the ELBO estimate), ``loss`` and ``scalars``.

@@ -3,7 +3,7 @@
 
 With its defaults, :class:`VDVAE` computes exactly the function of the reference implementation
 (``3d_very_deep_vae``, tested against its numbers in ``tests/test_reference_parity.py``), and
-:func:`scripts.reference.convert_reference_state_dict` loads the reference's checkpoints into it.
+:func:`scripts.vdvae.reference.convert_reference_state_dict` loads the reference's checkpoints into it.
 
 Resolution ``2**k`` per axis. Every per-level list has ``k + 1`` entries, full resolution first and the 1^3
 level last. The encoder runs bottom-up with two residual blocks per level (nearest subsampling between levels);
@@ -361,7 +361,7 @@ class VDVAE(nn.Module):
     """3D very deep VAE for single-channel volumes of ``resolution``^3 voxels scaled to [-1, 1].
 
     The defaults are the reference's: with the reference's per-level lists, this is the reference's model, parameter
-    for parameter (``scripts.reference`` converts its checkpoints). Options that depart from it say so.
+    for parameter (``scripts.vdvae.reference`` converts its checkpoints). Options that depart from it say so.
 
     Args:
         resolution: voxels per axis, a power of two >= 2.
@@ -659,8 +659,8 @@ class VDVAE(nn.Module):
 
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Negative ELBO per volume: see :func:`scripts.losses.negative_elbo_terms` for the units."""
-        from scripts.losses import negative_elbo_terms
+        """Negative ELBO per volume: see :func:`scripts.vdvae.loss.negative_elbo_terms` for the units."""
+        from scripts.vdvae.loss import negative_elbo_terms
 
         mean, scale, kl = self.forward_train(x)
         return negative_elbo_terms(x, mean, scale, kl)

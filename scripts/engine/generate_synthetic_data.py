@@ -2,7 +2,7 @@
 """Synthetic volumes with the reference generator's options: smoothed background noise plus one randomly sized
 and rotated ellipsoid inclusion, normalised by the maximum, one identity-affine NIfTI per volume.
 
-CLI: ``python -m scripts.generate_synthetic_data --voxels_per_axis 32 --number_of_files 100 --output_directory DIR``
+CLI: ``python -m scripts.engine.generate_synthetic_data --voxels_per_axis 32 --number_of_files 100 --output_directory DIR``
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from scripts.data import atomic_write_json
-from scripts.visualisation import montage, save_png
+from scripts.engine.data import atomic_write_json
+from scripts.engine.visualisation import montage, save_png
 
 __all__ = [
     "ReseedEachEpoch",
@@ -225,7 +225,7 @@ def visualise_pipeline(enabled: bool, dataset, output_dir: str, num_examples: in
 class WallClockSnapshots:
     """Saves the weights at fixed wall-clock times since the trainer started, then stops it after the last one.
 
-    For quality-over-time measurements (``scripts.quality_benchmark``): at the first iteration that ends at or after
+    For quality-over-time measurements (``scripts.tools.quality_benchmark``): at the first iteration that ends at or after
     each of ``times_s`` (seconds, validation included, since a real run spends that time too) it writes
     ``folder/snapshot_<t>s.pt`` = {"network": state dict, "ema": the EMA's state dict or None, "elapsed_s",
     "iteration", "epoch", "skipped_updates"}.

@@ -1,11 +1,11 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Sample quality over training time: trains recipes for a wall-clock budget and measures them at fixed times.
 
-    python -m scripts.quality_benchmark                                   # default recipe, 3 seeds, 15 min each, VQ family
-    python -m scripts.quality_benchmark --recipes "['default','reference']" --seeds "[0]" --budget_s 600 --vq False
+    python -m scripts.tools.quality_benchmark                                   # default recipe, 3 seeds, 15 min each, VQ family
+    python -m scripts.tools.quality_benchmark --recipes "['default','reference']" --seeds "[0]" --budget_s 600 --vq False
 
 Each (recipe, seed) trains ``configs/train.json`` with the recipe's overrides on the built-in cohort in a fresh
-process; :class:`scripts.handlers.WallClockSnapshots` saves the weights at ``points`` evenly spaced times up to
+process; :class:`scripts.engine.handlers.WallClockSnapshots` saves the weights at ``points`` evenly spaced times up to
 ``budget_s`` (wall clock since the trainer started, validation included) and stops the run. Each snapshot is then
 measured, outside the clock, for each temperature mode and temperature:
 
@@ -14,7 +14,7 @@ measured, outside the clock, for each temperature mode and temperature:
   feature space (as ``evaluate.json``; computed on as many samples as there are held-out volumes and averaged over
   the disjoint groups of that size, so it compares with the held-out figure), mean pairwise MS-SSIM, median RMSE to
   the nearest training volume, and the mean Dice of each sample's foreground (voxels above -0.8) with the cohort's
-  majority brain mask (as ``scripts.check_samples``). The same figures of the held-out volumes are the targets.
+  majority brain mask (as ``scripts.tools.check_samples``). The same figures of the held-out volumes are the targets.
 
 The VQ family (``vq``) trains stage 1 (``configs/vqvae_train.json``) for ``vq_stage1_fraction`` of the budget and
 its autoregressive prior for the rest, with snapshots of the prior at the time points past stage 1.
@@ -36,11 +36,11 @@ import fire
 import numpy as np
 import torch
 
-from scripts.check_samples import dice
-from scripts.data import preprocess_volumes
-from scripts.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
+from scripts.tools.check_samples import dice
+from scripts.engine.data import preprocess_volumes
+from scripts.engine.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = "configs/train.json"
 VQ_STAGE1 = ["configs/vqvae_train.json"]
 VQ_STAGE2 = ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_prior_autoregressive.json"]
@@ -66,7 +66,7 @@ def train_run(spec: str) -> None:
     of ``times_s``, saving snapshots into ``folder``."""
     from monai.bundle import ConfigWorkflow
 
-    from scripts.handlers import WallClockSnapshots
+    from scripts.engine.handlers import WallClockSnapshots
 
     with open(spec) as f:
         run = json.load(f)
@@ -84,7 +84,7 @@ def _launch(config_files: list[str], overrides: dict, times: list[float], folder
     spec = os.path.join(folder, "spec.json")
     with open(spec, "w") as f:
         json.dump({"config_files": config_files, "overrides": overrides, "times_s": times, "folder": folder}, f, indent=1)
-    cmd = [sys.executable, "-m", "scripts.quality_benchmark", "train_run", "--spec", spec]
+    cmd = [sys.executable, "-m", "scripts.tools.quality_benchmark", "train_run", "--spec", spec]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -147,7 +147,7 @@ def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, n
     """Rows per weights (raw, EMA), sampler (the learned priors in each temperature mode; the post-hoc latent prior
     of the groups <= r^3 for each r of ``latent_prior_resolutions``, finer groups from the learned priors in the
     first mode) and temperature."""
-    from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
 
     rows = []
     for weights in ("network", "ema"):
@@ -326,7 +326,7 @@ def main(
     times = [budget_s * (i + 1) / points for i in range(points)]
     work_dir = os.path.abspath(work_dir)
     rows, reals = [], []
-    command = "python -m scripts.quality_benchmark " + " ".join(sys.argv[1:])
+    command = "python -m scripts.tools.quality_benchmark " + " ".join(sys.argv[1:])
     if keep_rows_from:
         with open(keep_rows_from) as f:
             earlier = json.load(f)
@@ -366,8 +366,8 @@ def samples(
 ) -> str:
     """A montage of ``n`` samples of a benchmark snapshot (top rows) above ``n`` held-out volumes (bottom rows), with the
     post-hoc prior of the groups <= ``latent_prior_resolution``^3 when > 0."""
-    from scripts.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
-    from scripts.visualisation import montage, save_png
+    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+    from scripts.engine.visualisation import montage, save_png
 
     run = os.path.join(os.path.abspath(work_dir), recipe, f"seed{seed}")
     with open(os.path.join(run, "snapshots", "spec.json")) as f:
@@ -421,8 +421,8 @@ def run_vq(
     seed: int, times: list[float], stage1_s: float, work_dir: str, temperatures: list[float], num_samples: int, overrides: dict
 ) -> list[dict]:
     """Stage 1 for ``stage1_s``, then the autoregressive prior with snapshots at the time points after it."""
-    from scripts.sampling import load_weights
-    from scripts.vq import VQGenerator
+    from scripts.engine.sampling import load_weights
+    from scripts.vq.networks import VQGenerator
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
     stage1 = {**overrides, "output_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}

@@ -8,7 +8,7 @@ montage (samples, then real volumes, as 3-plane rows).
 
 CLI (from the bundle root, with the same overrides as training)::
 
-    python -m scripts.check_samples --config_file configs/train.json --num_samples 16 --temperature 0.8
+    python -m scripts.tools.check_samples --config_file configs/train.json --num_samples 16 --temperature 0.8
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data import preprocess_volumes
-from scripts.sampling import check_sampling_options, load_weights
-from scripts.visualisation import montage, save_png
+from scripts.engine.data import preprocess_volumes
+from scripts.engine.sampling import check_sampling_options, load_weights
+from scripts.engine.visualisation import montage, save_png
 
 __all__ = ["dice", "check_samples"]
 

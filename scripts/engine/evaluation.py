@@ -5,9 +5,9 @@ one JSON report and one PNG plot.
 For a held-out set of NIfTI volumes (default: the validation split of the training run) and ``num_samples``
 samples per temperature:
 
-* likelihood: for the VDVAE, the negative ELBO in nats/voxel and discretised bits/voxel (:mod:`scripts.losses`),
+* likelihood: for the VDVAE, the negative ELBO in nats/voxel and discretised bits/voxel (:mod:`scripts.vdvae.loss`),
   KL per latent group in nats per volume and per latent dimension, active vs collapsed groups; for the VQ family
-  (:class:`scripts.vq.VQGenerator`), the prior's bits per token of the held-out token grids (exact for the
+  (:class:`scripts.vq.networks.VQGenerator`), the prior's bits per token of the held-out token grids (exact for the
   autoregressive prior, an ELBO for the absorbing prior), which scores tokens, not voxels;
 * reconstruction: PSNR and SSIM (MONAI ``PSNRMetric``, ``SSIMMetric``) of the posterior-mean reconstructions
   (VDVAE) or of the decoded token grids (VQ-VAE);
@@ -45,10 +45,10 @@ from monai.data import DataLoader, Dataset
 from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from torch import nn
 
-from scripts.data import check_nifti_header, find_niftis, make_dataset
-from scripts.sampling import check_sampling_options
-from scripts.trainer import autocast
-from scripts.visualisation import three_plane
+from scripts.engine.data import check_nifti_header, find_niftis, make_dataset
+from scripts.engine.sampling import check_sampling_options
+from scripts.engine.training import autocast
+from scripts.engine.visualisation import three_plane
 
 __all__ = [
     "RandomFeatureNet",
@@ -283,7 +283,7 @@ def evaluate(
     """Evaluates ``network`` and writes ``output_dir/report.json`` and ``output_dir/report.png``.
 
     Args:
-        network: the trained VDVAE or :class:`scripts.vq.VQGenerator` (single-channel, 3-D), in eval mode.
+        network: the trained VDVAE or :class:`scripts.vq.networks.VQGenerator` (single-channel, 3-D), in eval mode.
         heldout_files: NIfTI volumes never trained on (at least 2).
         train_files: the training volumes (reference set of the Frechet distance and MMD, and of the
             nearest-neighbour search).

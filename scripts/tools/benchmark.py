@@ -1,9 +1,9 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Training and sampling speed, memory and data-loading benchmark; writes ``docs/performance.md``.
 
-    python -m scripts.benchmark                      # everything (about 35 min on 2 CPU cores)
-    python -m scripts.benchmark --sections train     # one part: train, memory, sampling, allocator, data
-    python -m scripts.benchmark --quick True         # fewer steps, 32^3 only, no 128^3 memory (smoke run)
+    python -m scripts.tools.benchmark                      # everything (about 35 min on 2 CPU cores)
+    python -m scripts.tools.benchmark --sections train     # one part: train, memory, sampling, allocator, data
+    python -m scripts.tools.benchmark --quick True         # fewer steps, 32^3 only, no 128^3 memory (smoke run)
 
 Every comparison is measured side by side in one run: the training paths of one configuration are timed in
 turn, step by step (round robin), against this bundle's own float32 contiguous path and against a
@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from scripts.generate_synthetic_data import synthetic_volume
-from scripts.losses import ELBOLoss, negative_elbo_terms
-from scripts.networks import ARCHITECTURE_LISTS, VDVAE
-from scripts.trainer import autocast, configure_allocator
+from scripts.engine.generate_synthetic_data import synthetic_volume
+from scripts.vdvae.loss import ELBOLoss, negative_elbo_terms
+from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
+from scripts.engine.training import autocast, configure_allocator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from issue #5.
 REFERENCE_VOLUMES_PER_S = {32: 1.2, 64: 0.084}
@@ -265,7 +265,7 @@ def peak_resident_set_gb() -> float:
 
 def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: int = 2) -> dict:
     """``steps`` training steps in this process, as train.json runs them (with
-    ``scripts.trainer.configure_allocator(lean_memory=<activation checkpointing>)``); peak resident set (CPU) or max allocated (CUDA), in GB,
+    ``scripts.engine.training.configure_allocator(lean_memory=<activation checkpointing>)``); peak resident set (CPU) or max allocated (CUDA), in GB,
     and the time of the last step."""
     dev = torch.device(device)
     path = PATHS_BY_KEY[path_key]
@@ -289,7 +289,7 @@ def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: 
 def bench_memory(cases: list[tuple[int, str]], device: torch.device, log) -> list[dict]:
     rows = []
     for resolution, key in cases:
-        cmd = [sys.executable, "-m", "scripts.benchmark", "memory_worker", str(resolution), key, str(device)]
+        cmd = [sys.executable, "-m", "scripts.tools.benchmark", "memory_worker", str(resolution), key, str(device)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:
             rows.append({"resolution": resolution, "batch_size": TRAIN_BATCH[resolution], "path": PATHS_BY_KEY[key].name, "error": out.stderr.strip().splitlines()[-1]})
@@ -333,7 +333,7 @@ def allocator_worker(kind: str, resolution: int, setting: str, repeats: int) -> 
 
 
 def bench_allocator(cases: list[tuple[str, int]], rounds: int, repeats: int, log) -> list[dict]:
-    """glibc's default allocator against :func:`scripts.trainer.configure_allocator` (``lean_memory=False``, what
+    """glibc's default allocator against :func:`scripts.engine.training.configure_allocator` (``lean_memory=False``, what
     train.json without activation checkpointing and the sampling configs use): for every case, fresh processes
     alternate between the two settings ``rounds`` times; median time per step (or sample) and largest peak
     resident set over the processes of a setting."""
@@ -343,7 +343,7 @@ def bench_allocator(cases: list[tuple[str, int]], rounds: int, repeats: int, log
         peaks: dict[str, list[float]] = {k: [] for k in ALLOCATOR_SETTINGS}
         for _ in range(rounds):
             for setting in ALLOCATOR_SETTINGS:
-                cmd = [sys.executable, "-m", "scripts.benchmark", "allocator_worker", kind, str(resolution), setting, str(repeats)]
+                cmd = [sys.executable, "-m", "scripts.tools.benchmark", "allocator_worker", kind, str(resolution), setting, str(repeats)]
                 out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 times[setting] += result["times"]
@@ -555,7 +555,7 @@ def main(
     configure_allocator(lean_memory=False)  # as train.json (without activation checkpointing) and inference.json
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
     results: dict = {
-        "command": " ".join(["python -m scripts.benchmark", *sys.argv[1:]]),
+        "command": " ".join(["python -m scripts.tools.benchmark", *sys.argv[1:]]),
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
     }

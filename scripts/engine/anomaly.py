@@ -18,7 +18,7 @@ and the healed volume (B, 1, R, R, R) it was computed against:
 
 :func:`write_anomaly_maps` runs a detector over a NIfTI folder and writes the maps and healed volumes on each
 input's own grid and world space (the preprocessing is inverted by resampling through the affines), per-volume scores
-(``scores.csv``, ``scores.json``) and a PNG per volume. The metrics of ``scripts.anomaly_benchmark`` are here too.
+(``scores.csv``, ``scores.json``) and a PNG per volume. The metrics of ``scripts.tools.anomaly_benchmark`` are here too.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> to
 
 
 class VDVAEAnomaly:
-    """Anomaly maps of a VDVAE (``scripts.networks.VDVAE``, or a wrapper with a ``vae`` attribute such as the
+    """Anomaly maps of a VDVAE (``scripts.vdvae.network.VDVAE``, or a wrapper with a ``vae`` attribute such as the
     post-hoc prior's ``PosthocPriorVDVAE``).
 
     Args:
@@ -141,7 +141,7 @@ class VDVAEAnomaly:
 
 
 class VQAnomaly:
-    """Anomaly maps of a VQ-VAE and a prior over its tokens (``scripts.vq.VQGenerator``).
+    """Anomaly maps of a VQ-VAE and a prior over its tokens (``scripts.vq.networks.VQGenerator``).
 
     Args:
         generator: the VQ-VAE (``generator.vqvae``) and its prior (``generator.prior``), autoregressive or absorbing.
@@ -160,7 +160,7 @@ class VQAnomaly:
         temperature: float = 1.0,
         mask_groups: int = 8,
     ) -> None:
-        from scripts.vq import AutoregressivePrior
+        from scripts.vq.networks import AutoregressivePrior
 
         self.vqvae, self.prior = generator.vqvae, generator.prior
         self.method = _check_method(method, VQ_METHODS, "VQ family")
@@ -340,7 +340,7 @@ def _stem(path: str) -> str:
 
 def _input_files(input_dir: str | None) -> list[str]:
     """The NIfTI files of ``input_dir``, each header checked; errors name the folder or the file."""
-    from scripts.data import NIFTI_SUFFIXES, check_nifti_header
+    from scripts.engine.data import NIFTI_SUFFIXES, check_nifti_header
 
     if not input_dir:
         raise ValueError("input_dir is not set: pass --input_dir <folder of .nii/.nii.gz volumes>")
@@ -417,8 +417,8 @@ def write_anomaly_maps(
 
     Batch b is seeded with ``seed + b``. Returns the per-volume rows.
     """
-    from scripts.sampling import read_sidecar, save_nifti
-    from scripts.trainer import autocast
+    from scripts.engine.sampling import read_sidecar, save_nifti
+    from scripts.engine.training import autocast
 
     files = _input_files(input_dir)
     info = read_sidecar(model_path) if model_path else {}
@@ -512,7 +512,7 @@ def write_anomaly_maps(
 
 def _planes(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     """The three slices of a (D, H, W) array through ``centre``, each rotated and padded to (N, N) as
-    ``scripts.visualisation.three_plane`` lays them out."""
+    ``scripts.engine.visualisation.three_plane`` lays them out."""
     n = max(volume.shape)
     panels = []
     for sl in (volume[:, :, centre[2]], volume[:, centre[1], :], volume[centre[0], :, :]):

@@ -1,7 +1,7 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
 """Side-by-side table of ``evaluate.json`` reports (VDVAE and the VQ family), as Markdown.
 
-    python -m scripts.compare_reports --reports "{'VDVAE': 'eval/vdvae/report.json', 'VQ-VAE + absorbing': 'eval/vq_absorbing/report.json'}" \\
+    python -m scripts.tools.compare_reports --reports "{'VDVAE': 'eval/vdvae/report.json', 'VQ-VAE + absorbing': 'eval/vq_absorbing/report.json'}" \\
         --temperatures "{'VDVAE': 0.8}" --output docs/comparison.md
 
 Each row is one report at one sampling temperature (every temperature of the report, or those ``temperatures``

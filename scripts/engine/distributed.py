@@ -4,7 +4,7 @@
 The training configs (``train.json``, ``vqvae_train.json``, ``vq_prior.json``) are written for any number of
 processes: their first ``initialize`` step is ``@processes``, which is :func:`require_single_process` in the configs
 themselves and :func:`start_process_group` in the overlay; rank-0-only handlers carry
-``"_disabled_": "$not scripts.handlers.is_main_process()"``; ``finalize`` ends with :func:`end_process_group`. The
+``"_disabled_": "$not scripts.engine.handlers.is_main_process()"``; ``finalize`` ends with :func:`end_process_group`. The
 overlay then only adds what differs (the device, DistributedDataParallel, MONAI ``DistributedSampler``), as the
 MONAI Model Zoo's ``multi_gpu_train.json`` files do. This module adds what the zoo bundles leave implicit:
 
@@ -29,7 +29,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from scripts.handlers import latest_checkpoint
+from scripts.engine.handlers import latest_checkpoint
 
 __all__ = [
     "TORCHRUN_ENV",
@@ -152,7 +152,7 @@ def agreed_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def check_volumes_per_rank(data) -> bool:
-    """Raises ValueError when the validation split of ``data`` (a :class:`scripts.data.DataSplit`) has fewer
+    """Raises ValueError when the validation split of ``data`` (a :class:`scripts.engine.data.DataSplit`) has fewer
     volumes than there are processes: validation is split across ranks without padding, so every rank needs at
     least one volume. Returns True otherwise."""
     n_val, n_proc = len(data.val_files), world_size()

@@ -7,7 +7,7 @@ architecture from ``train.json``) wherever the bundle lies: MONAI's ``"%configs/
 relative to the working directory, this reads them under ``bundle_root``.
 
 ``validate_hyperparameters`` is called from a training config's ``initialize`` list as
-``$scripts.config.validate_hyperparameters(@hyperparameters_schema, 'vdvae')`` (``'vq'`` in the VQ family's). The one
+``$scripts.engine.config.validate_hyperparameters(@hyperparameters_schema, 'vdvae')`` (``'vq'`` in the VQ family's). The one
 schema, ``configs/hyperparameters.schema.json``, states the options both families share once (``properties``) and
 each family's own under ``definitions/<family>``; ``config_components`` (shared and per family) lists the keys that
 are config structure (networks, engines, ``initialize``...), not options. MONAI gives config expressions no handle on
@@ -35,7 +35,7 @@ def from_config_file(bundle_root: str, config_file: str, key: str, overrides: di
 
     What the macro ``"%<config_file>#<key>"`` gives, but read from ``bundle_root`` instead of the working
     directory, so that a config runs from anywhere given ``--bundle_root``. Used in a config as
-    ``"channels": "$scripts.config.from_config_file(@bundle_root, 'configs/train.json', 'channels')"``.
+    ``"channels": "$scripts.engine.config.from_config_file(@bundle_root, 'configs/train.json', 'channels')"``.
 
     Args:
         bundle_root: the bundle folder (the calling config's ``@bundle_root``).

@@ -15,7 +15,7 @@ from typing import List
 import torch
 from torch import nn
 
-from scripts.networks import VDVAE
+from scripts.vdvae.network import VDVAE
 
 __all__ = ["LatentPCAPrior", "PosthocPriorVDVAE", "latent_prior_path", "fit_after_training", "with_latent_prior"]
 
@@ -120,9 +120,9 @@ def fit_after_training(network_def: VDVAE, model_path: str, train_files, preproc
     them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
     import logging
 
-    from scripts.data import preprocess_volumes
-    from scripts.handlers import is_main_process
-    from scripts.sampling import load_weights
+    from scripts.engine.data import preprocess_volumes
+    from scripts.engine.handlers import is_main_process
+    from scripts.engine.sampling import load_weights
 
     if down_to_resolution <= 0 or not is_main_process():
         return None

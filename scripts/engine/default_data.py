@@ -9,7 +9,7 @@ MR magnitude images. (A background of exact zeros lets the per-voxel Gaussian sh
 there, and the resulting likelihood spikes made training at the default learning rate diverge.) Files are
 float32 NIfTI with the template's orientation and the resized voxel size.
 
-CLI: ``python -m scripts.default_data --output_directory data/mni_cohort --number_of_files 200``
+CLI: ``python -m scripts.engine.default_data --output_directory data/mni_cohort --number_of_files 200``
 """
 
 from __future__ import annotations
