@@ -14,9 +14,21 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from scripts.engine.anomaly import IntensityAnomaly, VDVAEAnomaly, VQAnomaly, auroc, average_precision, best_dice, dice_at, resample_to_grid, smooth_maps, volume_scores, write_anomaly_maps
-from scripts.tools.anomaly_benchmark import LESIONS, brain_mask, synthesise
+from scripts.engine.anomaly import (
+    IntensityAnomaly,
+    VDVAEAnomaly,
+    VQAnomaly,
+    auroc,
+    average_precision,
+    best_dice,
+    dice_at,
+    resample_to_grid,
+    smooth_maps,
+    volume_scores,
+    write_anomaly_maps,
+)
 from scripts.engine.config import from_config_file
+from scripts.tools.anomaly_benchmark import LESIONS, brain_mask, synthesise
 from scripts.vdvae.network import VDVAE
 from scripts.vq.networks import VQVAE, AutoregressivePrior, VQGenerator
 from tests.conftest import ROOT, tiny_architecture

@@ -157,7 +157,9 @@ def test_config_workflow_check_properties(tmp_path, nifti_dir, monkeypatch):
     assert os.path.isfile(os.path.join(out, "model.pt"))
 
 
-@pytest.mark.parametrize("preset, resolution, batch", [("vdvae_32", 32, 64), ("vdvae_64", 64, 8), ("vdvae_128", 128, 1)])
+@pytest.mark.parametrize(
+    "preset, resolution, batch", [("vdvae_32", 32, 64), ("vdvae_64", 64, 8), ("vdvae_128", 128, 1)]
+)
 def test_presets_reproduce_reference_examples(preset, resolution, batch):
     from monai.bundle import ConfigParser
 
@@ -169,14 +171,31 @@ def test_presets_reproduce_reference_examples(preset, resolution, batch):
     assert parser["latent_feature_maps_per_resolution"] == [2] + list(range(levels - 1, 0, -1))
     # the reference's optimisation: Adamax 1e-3, per-part clipping at 100, skip only past 1e12 after 50 iterations,
     # float32, no EMA, no KL schedule, the reference's temperature and decoder
-    reference = {"learning_rate": 1e-3, "gradient_clipping_value": 100.0, "gradient_skipping_value": 1e12, "gradient_skip_factor": 0.0,
-                 "warmup_iterations": 50, "amp": "none", "ema_decay": 0.0, "beta": 1.0, "kl_warmup_steps": 0, "free_bits": 0.0,
-                 "l2_reg_coeff": 1e-4, "temperature_mode": "latent", "full_resolution_residual": False, "augment": True,
-                 "latent_prior_resolution": 0}
+    reference = {
+        "learning_rate": 1e-3,
+        "gradient_clipping_value": 100.0,
+        "gradient_skipping_value": 1e12,
+        "gradient_skip_factor": 0.0,
+        "warmup_iterations": 50,
+        "amp": "none",
+        "ema_decay": 0.0,
+        "beta": 1.0,
+        "kl_warmup_steps": 0,
+        "free_bits": 0.0,
+        "l2_reg_coeff": 1e-4,
+        "temperature_mode": "latent",
+        "full_resolution_residual": False,
+        "augment": True,
+        "latent_prior_resolution": 0,
+    }
     assert {k: parser[k] for k in reference} == reference
     # the preset states each per-level list once: the other three channel lists and the top-down kernels follow
-    for key, source in (("channels_hidden", "channels"), ("channels_top_down", "channels"), ("channels_hidden_top_down", "channels"),
-                        ("kernel_sizes_top_down", "kernel_sizes_bottom_up")):
+    for key, source in (
+        ("channels_hidden", "channels"),
+        ("channels_top_down", "channels"),
+        ("channels_hidden_top_down", "channels"),
+        ("kernel_sizes_top_down", "kernel_sizes_bottom_up"),
+    ):
         assert parser.get_parsed_content(key) == parser[source]
     assert parser.get_parsed_content("optimizer#_target_", instantiate=False) == "torch.optim.Adamax"
 
@@ -252,8 +271,14 @@ def test_inference_samples_nifti_on_the_training_grid(tmp_path, nifti_dir):
     ts_path = str(tmp_path / "model.ts")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    export = {"net_id": "network_def", "filepath": ts_path, "ckpt_file": os.path.join(out, "model.pt"), "bundle_root": ROOT,
-              "meta_file": os.path.join(ROOT, "configs/metadata.json"), **arch}
+    export = {
+        "net_id": "network_def",
+        "filepath": ts_path,
+        "ckpt_file": os.path.join(out, "model.pt"),
+        "bundle_root": ROOT,
+        "meta_file": os.path.join(ROOT, "configs/metadata.json"),
+        **arch,
+    }
     run_bundle(export, os.path.join(ROOT, "configs/inference.json"), cwd=str(elsewhere), command="ckpt_export")
     assert os.listdir(elsewhere) == []
     exported = torch.jit.load(ts_path)

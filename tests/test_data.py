@@ -9,7 +9,14 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged
 
 from scripts.engine.data import DataSplit, check_nifti_header, find_niftis, make_dataset
 from scripts.engine.generate_synthetic_data import generate_synthetic_data, synthetic_volume
-from scripts.engine.transforms import LoadVolumed, RandAxisResampled, RandGhostingd, RandMotiond, RandZeroEdgesd, ValidateVolumed
+from scripts.engine.transforms import (
+    LoadVolumed,
+    RandAxisResampled,
+    RandGhostingd,
+    RandMotiond,
+    RandZeroEdgesd,
+    ValidateVolumed,
+)
 
 
 def _save(path, data, affine=None):
@@ -139,8 +146,8 @@ def test_disk_cache_never_serves_stale_data(tmp_path):
 
 
 def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
-    from scripts.tools.check_samples import dice
     from scripts.engine.default_data import generate_mni_cohort, template_volume
+    from scripts.tools.check_samples import dice
 
     paths = generate_mni_cohort(str(tmp_path), number_of_files=3, voxels_per_axis=16, seed=2)
     vols = np.stack([nib.load(p).get_fdata() for p in paths])

@@ -60,7 +60,9 @@ class RankProbe:
 
     def attach(self, engine) -> None:
         if isinstance(engine, VDVAEEvaluator):
-            engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.record["validations"].append({"files": [], "values": []}))
+            engine.add_event_handler(
+                Events.EPOCH_STARTED, lambda e: self.record["validations"].append({"files": [], "values": []})
+            )
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._validation_batch)
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._validation_end)
         else:
@@ -157,8 +159,12 @@ def torchrun(launches: list[list[str]], overrides: dict, config_files: list[str]
     """Runs one torchrun agent per entry of ``launches`` (one per simulated node) to the end; returns their logs."""
     procs = [
         subprocess.Popen(
-            torchrun_command(launch, overrides, config_files), cwd=ROOT, env=clean_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            torchrun_command(launch, overrides, config_files),
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for launch in launches
     ]
@@ -317,8 +323,12 @@ def test_stopping_a_run_stops_every_process_and_keeps_the_checkpoint(stop, tmp_p
     out = str(tmp_path / f"stopped_{stop}")
     opts = tiny_overrides(nifti_dir, out, max_epochs=1000, num_workers=1, save_every_n_iterations=1)
     proc = subprocess.Popen(
-        torchrun_command(STANDALONE, opts, [TRAIN, MULTI]), cwd=ROOT, env=clean_env(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        torchrun_command(STANDALONE, opts, [TRAIN, MULTI]),
+        cwd=ROOT,
+        env=clean_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         ckpt_dir = os.path.join(out, "checkpoints")
@@ -391,7 +401,12 @@ RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "scripts.engine.handler
 
 @pytest.mark.parametrize(
     "config_files",
-    [[TRAIN], [TRAIN, "configs/vdvae_64.json"], ["configs/vqvae_train.json"], ["configs/vqvae_train.json", "configs/vq_prior.json"]],
+    [
+        [TRAIN],
+        [TRAIN, "configs/vdvae_64.json"],
+        ["configs/vqvae_train.json"],
+        ["configs/vqvae_train.json", "configs/vq_prior.json"],
+    ],
 )
 def test_overlay_only_adds_and_rank0_handlers_are_switched_off_by_an_expression(config_files):
     with open(os.path.join(ROOT, MULTI)) as f:
@@ -412,9 +427,9 @@ def test_overlay_only_adds_and_rank0_handlers_are_switched_off_by_an_expression(
     for section in ("train", "validate"):  # whatever their order, the logging handlers run on rank 0 only
         for h in single[f"{section}#handlers"]:
             target = h.get("_target_") if isinstance(h, dict) else h
-            assert (isinstance(h, dict) and h.get("_disabled_") == "$not scripts.engine.handlers.is_main_process()") == (
-                target in RANK0_ONLY
-            ), (section, target)
+            assert (
+                isinstance(h, dict) and h.get("_disabled_") == "$not scripts.engine.handlers.is_main_process()"
+            ) == (target in RANK0_ONLY), (section, target)
 
 
 def test_rank0_handlers_are_built_on_rank0_only(monkeypatch, tmp_path, nifti_dir):

@@ -23,8 +23,8 @@ from PIL import Image
 
 from scripts.engine.evaluation import RandomFeatureNet, ms_ssim_parameters
 from scripts.engine.generate_synthetic_data import generate_synthetic_data
-from scripts.vdvae.network import VDVAE
 from scripts.engine.sampling import SampleRequests, SamplingEvaluator
+from scripts.vdvae.network import VDVAE
 from tests.conftest import ROOT, tiny_architecture
 
 ARCH = {"resolution": 16, **tiny_architecture(16)}
@@ -76,7 +76,13 @@ def trained(tmp_path_factory, nifti_dir) -> dict:
         os.chdir(cwd)
     net = VDVAE(**ARCH, full_resolution_residual=True)  # train.json's default (the class default is the reference's)
     net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
-    return {"run_dir": out, "model": os.path.join(out, "model.pt"), "train_check": missing, "net": net.eval(), "nifti_dir": nifti_dir}
+    return {
+        "run_dir": out,
+        "model": os.path.join(out, "model.pt"),
+        "train_check": missing,
+        "net": net.eval(),
+        "nifti_dir": nifti_dir,
+    }
 
 
 def test_zoo_workflows_train_and_inference(trained, tmp_path):
@@ -110,7 +116,9 @@ def test_zoo_workflows_train_and_inference(trained, tmp_path):
     img = nib.load(os.path.join(out, files[0]))
     # ITK-based readers prefer the qform, nibabel the sform: both hold the training grid
     assert int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) > 0
-    assert np.allclose(img.get_qform(), sidecar["affine"], atol=1e-5) and np.allclose(img.get_sform(), sidecar["affine"])
+    assert np.allclose(img.get_qform(), sidecar["affine"], atol=1e-5) and np.allclose(
+        img.get_sform(), sidecar["affine"]
+    )
     loaded = LoadImage(image_only=True)(os.path.join(out, files[0]))
     assert tuple(loaded.shape) == (16, 16, 16)
 
@@ -134,7 +142,9 @@ def test_reconstruct_writes_full_and_progressive_reconstructions(trained, tmp_pa
     assert len(names) == 12
     levels = [1, 2, 4, 8]  # latent resolutions below the finest (16) of the tiny architecture
     for name in names:
-        expected = {f"{name}_input.nii.gz", f"{name}_recon.nii.gz", f"{name}.png"} | {f"{name}_recon_to_r{r}.nii.gz" for r in levels}
+        expected = {f"{name}_input.nii.gz", f"{name}_recon.nii.gz", f"{name}.png"} | {
+            f"{name}_recon_to_r{r}.nii.gz" for r in levels
+        }
         assert expected <= set(os.listdir(out)), name
     assert Image.open(os.path.join(out, f"{names[0]}.png")).size == (3 * 16 * 4, (2 + len(levels)) * 16 * 4)
 
@@ -157,9 +167,28 @@ def test_reconstruct_writes_full_and_progressive_reconstructions(trained, tmp_pa
 
 def test_evaluate_report(trained, tmp_path):
     out = str(tmp_path / "eval")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
-           "--ckpt_path", trained["model"], "--run_dir", trained["run_dir"], "--output_dir", out,
-           "--num_samples", "6", "--temperature", "[0.5,1.0]", "--batch_size", "4", "--diversity_samples", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/evaluate.json",
+        "--ckpt_path",
+        trained["model"],
+        "--run_dir",
+        trained["run_dir"],
+        "--output_dir",
+        out,
+        "--num_samples",
+        "6",
+        "--temperature",
+        "[0.5,1.0]",
+        "--batch_size",
+        "4",
+        "--diversity_samples",
+        "5",
+    ]
     for k, v in ARCH.items():
         cmd += [f"--{k}", json.dumps(v)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -180,7 +209,11 @@ def test_evaluate_report(trained, tmp_path):
 
     rec = report["reconstruction"]
     assert np.isfinite(rec["psnr_db"]) and -1.0 <= rec["ssim"] <= 1.0
-    assert report["ms_ssim_parameters"] == ms_ssim_parameters(16) == {"kernel_size": 7, "kernel_sigma": 1.5, "num_scales": 2, "weights": [0.1356, 0.8644]}
+    assert (
+        report["ms_ssim_parameters"]
+        == ms_ssim_parameters(16)
+        == {"kernel_size": 7, "kernel_sigma": 1.5, "num_scales": 2, "weights": [0.1356, 0.8644]}
+    )
     assert report["real"]["diversity_pairs"] == 3 and 0.0 <= report["real"]["diversity_mean_pairwise_ms_ssim"] <= 1.0
     assert set(report["samples"]) == {"0.5", "1"}
     for s in report["samples"].values():
@@ -188,7 +221,10 @@ def test_evaluate_report(trained, tmp_path):
         assert 0.0 <= s["diversity_mean_pairwise_ms_ssim"] <= 1.0
         assert np.isfinite(s["frechet_distance_to_train"]) and np.isfinite(s["mmd_to_train"])
         assert s["num_volumes_for_distribution_metrics"] == 3
-        assert len(s["closest_samples"]) == 5 and all(c["nearest_train_volume"] in json.load(open(os.path.join(trained["run_dir"], "data_split.json")))["train"] for c in s["closest_samples"])
+        assert len(s["closest_samples"]) == 5 and all(
+            c["nearest_train_volume"] in json.load(open(os.path.join(trained["run_dir"], "data_split.json")))["train"]
+            for c in s["closest_samples"]
+        )
     assert report["samples"]["1"]["frechet_distance_to_train"] >= 0
 
     # memorisation: the held-out figures equal a brute-force nearest-neighbour search on the preprocessed volumes
@@ -210,8 +246,16 @@ def test_evaluate_heldout_inside_train_is_flagged(trained, tmp_path):
     """Held-out volumes that are training volumes are at distance 0 from their nearest training volume."""
     out = str(tmp_path / "eval_same")
     bundle_run(
-        config_file="configs/evaluate.json", ckpt_path=trained["model"], run_dir=trained["run_dir"], output_dir=out,
-        heldout_dir=trained["nifti_dir"], train_dir=trained["nifti_dir"], num_samples=2, batch_size=4, diversity_samples=2, **ARCH,
+        config_file="configs/evaluate.json",
+        ckpt_path=trained["model"],
+        run_dir=trained["run_dir"],
+        output_dir=out,
+        heldout_dir=trained["nifti_dir"],
+        train_dir=trained["nifti_dir"],
+        num_samples=2,
+        batch_size=4,
+        diversity_samples=2,
+        **ARCH,
     )
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["heldout"]["num_volumes"] == 12 and report["train"]["num_volumes"] == 12
@@ -229,7 +273,11 @@ def test_evaluate_heldout_inside_train_is_flagged(trained, tmp_path):
         ("evaluate", {"ckpt_path": "MISSING"}, "no weights at"),
         ("evaluate", {"ckpt_path": "CORRUPT"}, "not a readable PyTorch state dict"),
         ("evaluate", {"channels": [16] * 5}, "weights of another architecture"),
-        ("evaluate", {"heldout_dir": "OTHER_SHAPE"}, "has shape (8, 8, 8), but the training volumes have shape (16, 16, 16)"),
+        (
+            "evaluate",
+            {"heldout_dir": "OTHER_SHAPE"},
+            "has shape (8, 8, 8), but the training volumes have shape (16, 16, 16)",
+        ),
         ("evaluate", {"run_dir": "EMPTY"}, "heldout_dir is not set and"),
         ("reconstruct", {"ckpt_path": "MISSING"}, "no weights at"),
         ("reconstruct", {"progressive_resolutions": [3]}, "progressive_resolutions [3] hold no latent group"),
@@ -240,8 +288,19 @@ def test_bad_input_is_named(trained, tmp_path, config, overrides, message):
     generate_synthetic_data(str(other), voxels_per_axis=8, number_of_files=2, random_seed=3)
     (tmp_path / "corrupt.pt").write_text("not a checkpoint")
     (tmp_path / "empty").mkdir()
-    paths = {"MISSING": str(tmp_path / "missing.pt"), "CORRUPT": str(tmp_path / "corrupt.pt"), "OTHER_SHAPE": str(other), "EMPTY": str(tmp_path / "empty")}
-    opts = {"ckpt_path": trained["model"], "output_dir": str(tmp_path / "out"), **ARCH, "num_samples": 2, "batch_size": 4}
+    paths = {
+        "MISSING": str(tmp_path / "missing.pt"),
+        "CORRUPT": str(tmp_path / "corrupt.pt"),
+        "OTHER_SHAPE": str(other),
+        "EMPTY": str(tmp_path / "empty"),
+    }
+    opts = {
+        "ckpt_path": trained["model"],
+        "output_dir": str(tmp_path / "out"),
+        **ARCH,
+        "num_samples": 2,
+        "batch_size": 4,
+    }
     if config == "evaluate":
         opts["run_dir"] = trained["run_dir"]
     else:
@@ -257,7 +316,13 @@ def test_bad_input_is_named(trained, tmp_path, config, overrides, message):
 @pytest.mark.parametrize("resolution", [8, 16, 32])
 def test_ms_ssim_parameters_are_valid_for_monai(resolution):
     params = ms_ssim_parameters(resolution)
-    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=params["kernel_size"], kernel_sigma=params["kernel_sigma"], weights=params["weights"])
+    metric = MultiScaleSSIMMetric(
+        spatial_dims=3,
+        data_range=1.0,
+        kernel_size=params["kernel_size"],
+        kernel_sigma=params["kernel_sigma"],
+        weights=params["weights"],
+    )
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(2, 1, resolution, resolution, resolution, generator=gen)
     smooth = torch.nn.functional.avg_pool3d(a, 3, 1, 1)
@@ -286,3 +351,31 @@ def test_feature_network_is_fixed_and_weight_free():
     assert a.shape == (3, 224) and torch.equal(a, b)  # independent of the global RNG
     assert not torch.allclose(a[0], a[1])
     assert RandomFeatureNet()(torch.rand(2, 1, 32, 32, 32)).shape == (2, 224)
+
+
+def test_both_families_implement_the_generator_interface_and_others_are_refused(tmp_path):
+    from scripts.engine.evaluation import evaluate
+    from scripts.engine.generator import Generator, require_generator
+    from scripts.vq.networks import VQVAE, AutoregressivePrior, VQGenerator
+
+    torch.manual_seed(0)
+    vdvae = VDVAE(resolution=8, **tiny_architecture(8)).eval()
+    vqvae = VQVAE(resolution=8, channels=[8], num_res_layers=1, num_embeddings=4, embedding_dim=2)
+    vq = VQGenerator(vqvae, AutoregressivePrior(vqvae.token_grid, 4, dim=8, depth=1, heads=1)).eval()
+    x = torch.rand(3, 1, 8, 8, 8) * 2 - 1
+    for net, rows in ((vdvae, {"neg_elbo_nats", "neg_elbo_bits", "kl_per_group"}), (vq, {"bits_per_token"})):
+        assert isinstance(require_generator(net), Generator)
+        terms = net.heldout_likelihood(x)
+        assert set(terms) == rows and all(v.shape[0] == 3 for v in terms.values())
+        section = net.likelihood_report(terms, kl_active_threshold=0.5)
+        assert net.describe()["family"].startswith("vq" if net is vq else "vdvae") and net.reconstruction_note()
+        assert net(x).shape == x.shape and net.sample(2, 1.0).shape == (2, 1, 8, 8, 8)
+    groups = vdvae.likelihood_report(vdvae.heldout_likelihood(x), kl_active_threshold=0.5)["kl_per_group"]
+    assert [g["resolution"] for g in groups] == vdvae.group_resolutions()
+    assert section["tokens_per_volume"] == 64 and section["bits_per_volume"] == pytest.approx(
+        section["bits_per_token"]["mean"] * 64
+    )
+    with pytest.raises(TypeError, match="lacks .*heldout_likelihood"):
+        evaluate(
+            torch.nn.Conv3d(1, 1, 1), ["a.nii", "b.nii"], ["c.nii"], lambda d: d, str(tmp_path), check_shapes=False
+        )

@@ -86,8 +86,15 @@ def test_bundle_fits_the_prior_after_training_and_inference_uses_it(tmp_path, ni
     assert state["basis"].shape[0] == 8  # 9 training volumes - 1
 
     def sample(folder, **extra):
-        opts = {"ckpt_path": os.path.join(out, "model.pt"), "output_dir": str(tmp_path / folder), "resolution": 16, **tiny_architecture(16),
-                "num_samples": 2, "seed": 3, **extra}
+        opts = {
+            "ckpt_path": os.path.join(out, "model.pt"),
+            "output_dir": str(tmp_path / folder),
+            "resolution": 16,
+            **tiny_architecture(16),
+            "num_samples": 2,
+            "seed": 3,
+            **extra,
+        }
         run_bundle(opts, config_file="configs/inference.json")  # at its default temperature, 1.2
         return nib.load(str(tmp_path / folder / "sample_t1.2_00000.nii.gz")).get_fdata()
 

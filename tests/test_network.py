@@ -115,7 +115,9 @@ def test_bad_kernel_size_and_level_without_latents(groups):
         VDVAE(16, **arch)
     arch = tiny_architecture(16)
     arch["latent_feature_maps_per_resolution"] = groups
-    with pytest.raises(ValueError, match="latent_feature_maps_per_resolution entries must be >= 1 \\(every level needs a latent group"):
+    with pytest.raises(
+        ValueError, match="latent_feature_maps_per_resolution entries must be >= 1 \\(every level needs a latent group"
+    ):
         VDVAE(16, **arch)
 
 
@@ -208,7 +210,12 @@ def test_kl_divides_by_the_floored_prior_variance():
         assert float(gaussian_kl(mq, sq, mp, torch.tensor([sp]))) == pytest.approx(expected, rel=1e-5)
     torch.manual_seed(1)
     shape = (2, 3, 4, 4, 4)
-    leaves = [torch.randn(shape), torch.rand(shape) * 0.01 + 0.001, torch.randn(shape), torch.rand(shape) * 0.006 + 0.001]
+    leaves = [
+        torch.randn(shape),
+        torch.rand(shape) * 0.01 + 0.001,
+        torch.randn(shape),
+        torch.rand(shape) * 0.006 + 0.001,
+    ]
     a = [t.clone().requires_grad_(True) for t in leaves]
     b = [t.clone().requires_grad_(True) for t in leaves]
     fused, plain = gaussian_kl_per_volume(*a), gaussian_kl(*b).sum(dim=(1, 2, 3, 4))

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
+from scripts.engine.training import autocast
 from scripts.vdvae.loss import ELBOLoss
 from scripts.vdvae.network import VDVAE
-from scripts.engine.training import autocast
 from tests.conftest import tiny_architecture
 
 # stated tolerance (docs/performance.md): the first-step ELBO loss of the bfloat16 channels-last path is within

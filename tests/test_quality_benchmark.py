@@ -33,7 +33,9 @@ def test_wall_clock_snapshots_save_at_their_times_and_stop_the_run(tmp_path):
     assert 0.1 <= first["elapsed_s"] < second["elapsed_s"] and second["elapsed_s"] >= 0.2
     assert first["iteration"] < second["iteration"] <= engine.state.iteration
     # the weights as they were at that iteration (each step adds 1)
-    assert float(second["network"]["weight"][0, 0] - first["network"]["weight"][0, 0]) == pytest.approx(second["iteration"] - first["iteration"])
+    assert float(second["network"]["weight"][0, 0] - first["network"]["weight"][0, 0]) == pytest.approx(
+        second["iteration"] - first["iteration"]
+    )
     assert first["ema"] is None
     with pytest.raises(ValueError, match="times_s"):
         WallClockSnapshots([], str(tmp_path), net)
@@ -61,25 +63,56 @@ def test_reference_figures_of_real_and_degenerate_volumes(tiny_reference):
 
 def test_curves_figure(tmp_path):
     rows = [
-        {"family": "vdvae", "recipe": r, "weights": "network", "sampler": "learned priors", "temperature_mode": "latent", "temperature": 0.8, "point": p, "time_s": 10.0 * (p + 1),
-         "frechet_distance": 100.0 / (p + 1) + i, "ms_ssim": 0.5, "nearest_train_rmse_median": 0.3, "dice_vs_cohort_mask": 0.2 * p,
-         "heldout_neg_elbo_nats": -p * 0.5}
-        for i, r in enumerate(["a", "b"]) for p in range(3)
+        {
+            "family": "vdvae",
+            "recipe": r,
+            "weights": "network",
+            "sampler": "learned priors",
+            "temperature_mode": "latent",
+            "temperature": 0.8,
+            "point": p,
+            "time_s": 10.0 * (p + 1),
+            "frechet_distance": 100.0 / (p + 1) + i,
+            "ms_ssim": 0.5,
+            "nearest_train_rmse_median": 0.3,
+            "dice_vs_cohort_mask": 0.2 * p,
+            "heldout_neg_elbo_nats": -p * 0.5,
+        }
+        for i, r in enumerate(["a", "b"])
+        for p in range(3)
     ]
-    path = plot_curves(rows, {"frechet_distance": 10.0, "ms_ssim": 0.7, "nearest_train_rmse_median": 0.2, "dice_vs_cohort_mask": 0.9}, str(tmp_path / "c.png"))
+    path = plot_curves(
+        rows,
+        {"frechet_distance": 10.0, "ms_ssim": 0.7, "nearest_train_rmse_median": 0.2, "dice_vs_cohort_mask": 0.9},
+        str(tmp_path / "c.png"),
+    )
     from PIL import Image
 
     img = Image.open(path)
-    assert img.size[0] > 1000 and len(set(img.convert('L').tobytes())) > 3  # axes, two coloured series, text
+    assert img.size[0] > 1000 and len(set(img.convert("L").tobytes())) > 3  # axes, two coloured series, text
 
 
 def test_tiny_end_to_end_run(nifti_dir, tmp_path):
     """Two recipes, one seed, two snapshots of a 16^3 model: every row is measured and reported."""
-    overrides = {k: v for k, v in tiny_overrides(nifti_dir, str(tmp_path / "unused")).items() if k not in ("output_dir", "model_path")}
+    overrides = {
+        k: v
+        for k, v in tiny_overrides(nifti_dir, str(tmp_path / "unused")).items()
+        if k not in ("output_dir", "model_path")
+    }
     output = str(tmp_path / "quality.md")
     results = main(
-        recipes=["default", "reference"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent", "std"],
-        num_samples=6, vq=False, latent_prior_resolutions=[8], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"),
+        recipes=["default", "reference"],
+        seeds=[0],
+        budget_s=6,
+        points=2,
+        temperatures=[0.8],
+        temperature_modes=["latent", "std"],
+        num_samples=6,
+        vq=False,
+        latent_prior_resolutions=[8],
+        work_dir=str(tmp_path / "runs"),
+        output=output,
+        figure=str(tmp_path / "q.png"),
         overrides=overrides,
     )
     rows = results["rows"]
@@ -90,7 +123,9 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
         assert r["time_s"] >= 3.0 * (r["point"] + 1) and r["iteration"] >= 1
         assert 0.0 <= r["dice_vs_cohort_mask"] <= 1.0 and r["frechet_distance"] >= 0 and r["skipped_fraction"] == 0.0
     later = [r for r in rows if r["point"] == 1]  # (under load both snapshots can fall on one long iteration)
-    assert all(r["iteration"] >= s["iteration"] for r in later for s in rows if s["point"] == 0 and s["recipe"] == r["recipe"])
+    assert all(
+        r["iteration"] >= s["iteration"] for r in later for s in rows if s["point"] == 0 and s["recipe"] == r["recipe"]
+    )
     with open(output) as f:
         text = f.read()
     assert "| default | network | learned priors | latent | 0.8 |" in text
@@ -102,14 +137,30 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
         with open(tmp_path / f"runs/{recipe}/seed0/snapshots/spec.json") as f:
             spec = json.load(f)["overrides"]
         assert spec.get("augment", False) is augment and spec.get("full_resolution_residual", True) is not augment
-    snaps = [torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"] for r in ("default", "reference")]
+    snaps = [
+        torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"]
+        for r in ("default", "reference")
+    ]
     assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
     # a rerun reuses the finished runs (same overrides and times) and measures them again
     log = tmp_path / "runs/default/seed0/train.log"
     stamp = log.stat().st_mtime
-    again = main(recipes=["default"], seeds=[0], budget_s=6, points=2, temperatures=[0.8], temperature_modes=["latent"], num_samples=6, vq=False,
-                 latent_prior_resolutions=[], work_dir=str(tmp_path / "runs"), output=output, figure=str(tmp_path / "q.png"), overrides=overrides,
-                 keep_rows_from=os.path.splitext(output)[0] + ".json")
+    again = main(
+        recipes=["default"],
+        seeds=[0],
+        budget_s=6,
+        points=2,
+        temperatures=[0.8],
+        temperature_modes=["latent"],
+        num_samples=6,
+        vq=False,
+        latent_prior_resolutions=[],
+        work_dir=str(tmp_path / "runs"),
+        output=output,
+        figure=str(tmp_path / "q.png"),
+        overrides=overrides,
+        keep_rows_from=os.path.splitext(output)[0] + ".json",
+    )
     assert log.stat().st_mtime == stamp
     # default measured again (2 points, learned priors only); the reference's 6 rows kept from the earlier results
     assert sorted((r["recipe"], r["sampler"]) for r in again["rows"]).count(("default", "learned priors")) == 2

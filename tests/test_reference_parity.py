@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import scripts.vdvae.network as networks
+from scripts.engine.training import backward_and_clip
 from scripts.vdvae.loss import ELBOLoss
 from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
 from scripts.vdvae.reference import REFERENCE_GRAPHS, convert_reference_state_dict, to_reference_state_dict
-from scripts.engine.training import backward_and_clip
 from tests.conftest import ROOT
 
 PARITY = os.path.join(os.path.dirname(ROOT), "shared", "parity")
@@ -48,11 +48,19 @@ def _load(which: str, resolution: int, arch: dict, **options) -> tuple[VDVAE, di
 @pytest.fixture
 def zero_noise(monkeypatch):
     """Every latent draw is its mean, as in the fixture (the reference's randn patched to zeros)."""
-    monkeypatch.setattr(networks, "standard_normal_like", lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device))
+    monkeypatch.setattr(
+        networks, "standard_normal_like", lambda t: torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+    )
 
 
 def _close(actual, expected, rtol=RTOL, atol=0.0, what=""):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float64),
+        torch.as_tensor(expected, dtype=torch.float64),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def test_parameter_counts_per_graph(fixture):
@@ -60,7 +68,10 @@ def test_parameter_counts_per_graph(fixture):
     net = VDVAE(resolution, **arch)
     counts = outputs["meta"]["param_count"]
     groups = {name: sum(p.numel() for p in params) for name, params in net.clipping_groups().items()}
-    assert groups == {ours: counts[ref] for ours, ref in zip(groups, ("bottom_up_graph_1", "top_down_generative_graph", "top_down_x_mu_graph"))}
+    assert groups == {
+        ours: counts[ref]
+        for ours, ref in zip(groups, ("bottom_up_graph_1", "top_down_generative_graph", "top_down_x_mu_graph"))
+    }
     assert sum(p.numel() for p in net.parameters()) == counts["total_trainable"]
 
 
@@ -102,7 +113,13 @@ def _key_rows(net):
 def _pre_clip_grad(grad_param: torch.nn.Parameter, norms: dict, ref_name: str) -> torch.Tensor:
     """The gradient before clipping: clip_grad_norm_ scaled each group by 100 / norm when its norm exceeded 100."""
     graph = ref_name.split("/")[0]
-    ours = {v: k for k, v in CLIP_GROUPS.items()}[{"bottom_up_graph_1": "bottom_up_graph_1", "top_down_generative_graph": "top_down_graph_latents", "top_down_x_mu_graph": "top_down_graph_mu"}[graph]]
+    ours = {v: k for k, v in CLIP_GROUPS.items()}[
+        {
+            "bottom_up_graph_1": "bottom_up_graph_1",
+            "top_down_generative_graph": "top_down_graph_latents",
+            "top_down_x_mu_graph": "top_down_graph_mu",
+        }[graph]
+    ]
     factor = max(1.0, norms[ours] / 100.0)
     return grad_param.grad.double() * factor
 
@@ -152,17 +169,24 @@ def test_converter_names_the_first_mismatch(fixture):
     _, resolution, arch, _ = fixture
     checkpoint = torch.load(os.path.join(PARITY, WEIGHTS["init"]))
     wider = dict(arch, channels_per_latent=[2, 2, 2, 2, 6])
-    with pytest.raises(ValueError, match=r"'module\.0\.0\.convs_q\.3\.weight' has shape \[8, 12, 1, 1, 1\] but the configured model's "
-                       r"decoder_blocks\.0\.posterior_mean\.weight has shape \[6, 12, 1, 1, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'module\.0\.0\.convs_q\.3\.weight' has shape \[8, 12, 1, 1, 1\] but the configured model's "
+        r"decoder_blocks\.0\.posterior_mean\.weight has shape \[6, 12, 1, 1, 1\]",
+    ):
         convert_reference_state_dict(checkpoint, VDVAE(resolution, **wider))
     more = dict(arch, latent_feature_maps_per_resolution=[3, 2, 2, 1, 1])
-    with pytest.raises(ValueError, match=r"has no tensor 'module\.4\.5\.convs_p\.0\.weight' \(needed for decoder_blocks\.8\.prior"):
+    with pytest.raises(
+        ValueError, match=r"has no tensor 'module\.4\.5\.convs_p\.0\.weight' \(needed for decoder_blocks\.8\.prior"
+    ):
         convert_reference_state_dict(checkpoint, VDVAE(resolution, **more))
     fewer = dict(arch, latent_feature_maps_per_resolution=[1, 2, 2, 1, 1])
     with pytest.raises(ValueError, match=r"holds 'module\.4\.3\..*no place for"):
         convert_reference_state_dict(checkpoint, VDVAE(resolution, **fewer))
     with pytest.raises(ValueError, match="has no \\['top_down_x_mu_graph_state_dict'\\]"):
-        convert_reference_state_dict({k: v for k, v in checkpoint.items() if "x_mu" not in k}, VDVAE(resolution, **arch))
+        convert_reference_state_dict(
+            {k: v for k, v in checkpoint.items() if "x_mu" not in k}, VDVAE(resolution, **arch)
+        )
 
 
 def test_converter_command_line(fixture, tmp_path, zero_noise):
@@ -171,8 +195,19 @@ def test_converter_command_line(fixture, tmp_path, zero_noise):
     outputs, resolution, arch, x = fixture
     out = tmp_path / "model.pt"
     overrides = [f"--{k}={v}".replace(" ", "") for k, v in arch.items()]
-    cmd = [sys.executable, "-m", "scripts.vdvae.reference", "--reference_checkpoint", os.path.join(PARITY, WEIGHTS["perturbed"]),
-           "--config_file", "configs/train.json", "--output", str(out), f"--resolution={resolution}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.vdvae.reference",
+        "--reference_checkpoint",
+        os.path.join(PARITY, WEIGHTS["perturbed"]),
+        "--config_file",
+        "configs/train.json",
+        "--output",
+        str(out),
+        f"--resolution={resolution}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "39,114 parameters" in proc.stdout
@@ -181,5 +216,7 @@ def test_converter_command_line(fixture, tmp_path, zero_noise):
     mean, scale, kl = net.forward_train(x)
     loss = ELBOLoss(net, l2_reg_coeff=1e-4)(x, mean, scale, kl)["loss"]
     _close(loss.detach(), outputs["perturbed"]["train"]["loss"], what="loss after the command-line conversion")
-    bad = subprocess.run(cmd[: -len(overrides) - 1], cwd=ROOT, capture_output=True, text=True, timeout=300)  # train.json's 32^3 architecture
+    bad = subprocess.run(
+        cmd[: -len(overrides) - 1], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )  # train.json's 32^3 architecture
     assert bad.returncode != 0 and "has shape" in bad.stderr and "another architecture" in bad.stderr

@@ -3,16 +3,18 @@ import math
 import pytest
 import torch
 
+from scripts.engine.training import autocast
 from scripts.vdvae.network import VDVAE
 from scripts.vdvae.trainer import GradientSkipper, make_ema
-from scripts.engine.training import autocast
 from tests.conftest import tiny_architecture
 
 
 def test_fixed_threshold_alone_would_stall_but_adaptive_skipping_recovers():
     # gradient norms rise for good (as when a model moves to a new regime): a fixed threshold of 50 would
     # skip every update from step 30 on; the adaptive threshold follows the norms and accepts again
-    skipper = GradientSkipper(gradient_skipping_value=50.0, gradient_skip_factor=3.0, window=20, min_window=5, max_consecutive_skips=1000)
+    skipper = GradientSkipper(
+        gradient_skipping_value=50.0, gradient_skip_factor=3.0, window=20, min_window=5, max_consecutive_skips=1000
+    )
     decisions = []
     for step in range(200):
         norm = 10.0 if step < 30 else 100.0

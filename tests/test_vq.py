@@ -17,8 +17,15 @@ import torch
 import torch.distributed as dist
 
 from scripts.engine.handlers import latest_checkpoint
-from scripts.vq.networks import VQVAE, AbsorbingDiffusionPrior, AutoregressivePrior, VQGenerator, absorbing_diffusion_loss, codebook_usage
 from scripts.vq.completion import region_token_mask
+from scripts.vq.networks import (
+    VQVAE,
+    AbsorbingDiffusionPrior,
+    AutoregressivePrior,
+    VQGenerator,
+    absorbing_diffusion_loss,
+    codebook_usage,
+)
 from tests.conftest import copy_bundle, files_under
 from tests.test_bundle import run_bundle
 
@@ -29,7 +36,15 @@ AUTOREGRESSIVE = "configs/vq_prior_autoregressive.json"
 
 
 def tiny_vqvae(**kw) -> VQVAE:
-    args = {"resolution": 16, "spatial_dims": 3, "in_channels": 1, "channels": (8, 8), "num_res_layers": 1, "num_embeddings": 16, "embedding_dim": 4}
+    args = {
+        "resolution": 16,
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "channels": (8, 8),
+        "num_res_layers": 1,
+        "num_embeddings": 16,
+        "embedding_dim": 4,
+    }
     args.update(kw)
     return VQVAE(**args)
 
@@ -62,7 +77,9 @@ def test_codebook_lookup_round_trip_and_reconstruction_through_tokens():
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         expected = net.decode(net.quantize(net.encode(x))[0])
-        assert torch.allclose(VQGenerator(net, AbsorbingDiffusionPrior((4, 4, 4), 16, 4, 8, 1, 2))(x), expected, atol=1e-6)
+        assert torch.allclose(
+            VQGenerator(net, AbsorbingDiffusionPrior((4, 4, 4), 16, 4, 8, 1, 2))(x), expected, atol=1e-6
+        )
 
 
 def test_tokens_never_move_the_codebook_but_training_steps_do():
@@ -116,11 +133,17 @@ def test_absorbing_loss_equals_its_definition_on_a_tiny_case():
     for i in range(b):
         ce = -sum(float(logp[i, j, x0[i, j]]) for j in range(length) if masked[i, j])
         ti = int(t[i])
-        assert float(terms["reweighted_bits_per_token"][i]) == pytest.approx((1 - ti / steps) * ce / (math.log(2) * length), rel=1e-5)
-        assert float(terms["elbo_bits_per_token"][i]) == pytest.approx((steps / ti) * ce / (math.log(2) * length), rel=1e-5)
+        assert float(terms["reweighted_bits_per_token"][i]) == pytest.approx(
+            (1 - ti / steps) * ce / (math.log(2) * length), rel=1e-5
+        )
+        assert float(terms["elbo_bits_per_token"][i]) == pytest.approx(
+            (steps / ti) * ce / (math.log(2) * length), rel=1e-5
+        )
     assert float(terms["loss"]) == pytest.approx(float(terms["reweighted_bits_per_token"].mean()), rel=1e-6)
     # each token is masked with probability t / T
-    many = absorbing_diffusion_loss(lambda x: torch.zeros(*x.shape, k), torch.zeros(2, 20000, dtype=torch.long), 4, k, t=torch.tensor([1, 3]))
+    many = absorbing_diffusion_loss(
+        lambda x: torch.zeros(*x.shape, k), torch.zeros(2, 20000, dtype=torch.long), 4, k, t=torch.tensor([1, 3])
+    )
     assert many["masked"].float().mean(1).tolist() == pytest.approx([0.25, 0.75], abs=0.015)
 
 
@@ -211,8 +234,18 @@ def stage1_overrides(nifti_dir: str, run: str, **extra) -> dict:
 
 def stage2_overrides(stage1: dict, run: str, **extra) -> dict:
     """Stage 2 on the tokens of the stage-1 run ``stage1`` (``vqvae_dir``), written to ``run``."""
-    opts = {**stage1, "vqvae_dir": stage1["output_dir"], "output_dir": run, "model_path": os.path.join(run, "prior.pt"),
-            "prior_dim": 16, "prior_depth": 1, "prior_heads": 2, "num_timesteps": 8, "val_interval": 1, "max_epochs": 2}
+    opts = {
+        **stage1,
+        "vqvae_dir": stage1["output_dir"],
+        "output_dir": run,
+        "model_path": os.path.join(run, "prior.pt"),
+        "prior_dim": 16,
+        "prior_depth": 1,
+        "prior_heads": 2,
+        "num_timesteps": 8,
+        "val_interval": 1,
+        "max_epochs": 2,
+    }
     opts.update(extra)
     return opts
 
@@ -272,7 +305,12 @@ def test_stage1_writes_weights_tokens_and_a_resumable_checkpoint(vq_runs):
     again = torch.load(os.path.join(s1["output_dir"], "tokens.pt"), weights_only=False)
     assert torch.equal(again["train"]["tokens"], tokens["train"]["tokens"])
     run_bundle({**s1, "max_epochs": 3}, STAGE1)  # resumes: one more epoch
-    assert torch.load(latest_checkpoint(os.path.join(s1["output_dir"], "checkpoints")), weights_only=True)["trainer"]["iteration"] == 9
+    assert (
+        torch.load(latest_checkpoint(os.path.join(s1["output_dir"], "checkpoints")), weights_only=True)["trainer"][
+            "iteration"
+        ]
+        == 9
+    )
     proc = run_bundle({**s1, "max_epochs": 4, "batch_size": 2}, STAGE1, check=False)  # another effective batch
     assert proc.returncode != 0 and "written with 3 iterations per epoch but this run has 5" in proc.stderr
 
@@ -292,8 +330,20 @@ def test_stage2_writes_a_prior_that_loads(vq_runs, name):
 @pytest.mark.parametrize("name", ["absorbing", "autoregressive"])
 def test_vq_inference_samples_and_completes(vq_runs, nifti_dir, tmp_path, name):
     s2 = vq_runs[name]
-    common = {k: v for k, v in vq_runs["stage1"].items() if k in ("resolution", "vq_channels", "num_embeddings", "embedding_dim")}
-    common.update(prior=name, vqvae_path=vq_runs["stage1"]["vqvae_path"], ckpt_path=s2["model_path"], prior_dim=16, prior_depth=1, prior_heads=2, num_timesteps=8)
+    common = {
+        k: v
+        for k, v in vq_runs["stage1"].items()
+        if k in ("resolution", "vq_channels", "num_embeddings", "embedding_dim")
+    }
+    common.update(
+        prior=name,
+        vqvae_path=vq_runs["stage1"]["vqvae_path"],
+        ckpt_path=s2["model_path"],
+        prior_dim=16,
+        prior_depth=1,
+        prior_heads=2,
+        num_timesteps=8,
+    )
     out = str(tmp_path / "samples")
     run_bundle({**common, "output_dir": out, "num_samples": 3, "batch_size": 2}, "configs/vq_inference.json")
     files = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
@@ -304,37 +354,63 @@ def test_vq_inference_samples_and_completes(vq_runs, nifti_dir, tmp_path, name):
     for f in sorted(os.listdir(nifti_dir))[:2]:
         os.symlink(os.path.join(nifti_dir, f), few / f)
     out = str(tmp_path / "completed")
-    run_bundle({**common, "output_dir": out, "complete_dir": str(few), "keep_region": "first_half"}, "configs/vq_inference.json")
+    run_bundle(
+        {**common, "output_dir": out, "complete_dir": str(few), "keep_region": "first_half"},
+        "configs/vq_inference.json",
+    )
     written = sorted(os.listdir(out))
     assert len([f for f in written if f.endswith("_completed.nii.gz")]) == 2 and "completion.png" in written
     given = nib.load(os.path.join(out, [f for f in written if f.endswith("_given.nii.gz")][0])).get_fdata()
     inp = nib.load(os.path.join(out, [f for f in written if f.endswith("_input.nii.gz")][0])).get_fdata()
     assert np.allclose(given[..., :8], inp[..., :8]) and not np.allclose(given[..., 8:], inp[..., 8:])
     with pytest.raises(AssertionError, match="prior must be one of"):
-        run_bundle({**common, "prior": "pixelcnn", "ckpt_path": s2["model_path"], "output_dir": out}, "configs/vq_inference.json")
+        run_bundle(
+            {**common, "prior": "pixelcnn", "ckpt_path": s2["model_path"], "output_dir": out},
+            "configs/vq_inference.json",
+        )
 
 
 def test_evaluate_reports_both_families_side_by_side_figures(vq_runs, tmp_path):
     s1 = vq_runs["stage1"]
     out = str(tmp_path / "eval")
     opts = {k: v for k, v in s1.items() if k in ("resolution", "vq_channels", "num_embeddings", "embedding_dim")}
-    opts.update(prior="autoregressive", vqvae_path=s1["vqvae_path"], ckpt_path=vq_runs["autoregressive"]["model_path"], prior_dim=16,
-                prior_depth=1, prior_heads=2, run_dir=s1["output_dir"], output_dir=out, num_samples=4, batch_size=2, diversity_samples=4, cache="none")
+    opts.update(
+        prior="autoregressive",
+        vqvae_path=s1["vqvae_path"],
+        ckpt_path=vq_runs["autoregressive"]["model_path"],
+        prior_dim=16,
+        prior_depth=1,
+        prior_heads=2,
+        run_dir=s1["output_dir"],
+        output_dir=out,
+        num_samples=4,
+        batch_size=2,
+        diversity_samples=4,
+        cache="none",
+    )
     run_bundle(opts, json.dumps(["configs/evaluate.json", "configs/vq_evaluate.json"]))
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["model"]["family"] == "vq-vae + autoregressive transformer"
     like = report["likelihood"]
     assert like["tokens_per_volume"] == 64 and 0 < like["bits_per_token"]["mean"] < 8.0  # < log2(16) + slack
     assert like["kind"] == "exact NLL of the tokens"
-    assert -1 <= report["reconstruction"]["ssim"] <= 1 and math.isfinite(report["reconstruction"]["psnr_db"])  # 2 epochs: SSIM near 0
+    assert -1 <= report["reconstruction"]["ssim"] <= 1 and math.isfinite(
+        report["reconstruction"]["psnr_db"]
+    )  # 2 epochs: SSIM near 0
     sample = report["samples"]["0.9"]
-    assert sample["seconds_per_sample"] > 0 and sample["num_samples"] == 4 and math.isfinite(sample["frechet_distance_to_train"])
+    assert (
+        sample["seconds_per_sample"] > 0
+        and sample["num_samples"] == 4
+        and math.isfinite(sample["frechet_distance_to_train"])
+    )
     assert os.path.isfile(os.path.join(out, "report.png"))
 
 
 def test_stage2_without_tokens_names_the_missing_file(nifti_dir, tmp_path):
     s1 = stage1_overrides(nifti_dir, str(tmp_path / "nothing"))
-    proc = run_bundle(stage2_overrides(s1, str(tmp_path / "prior")), json.dumps([STAGE1, PRIOR, ABSORBING]), check=False)
+    proc = run_bundle(
+        stage2_overrides(s1, str(tmp_path / "prior")), json.dumps([STAGE1, PRIOR, ABSORBING]), check=False
+    )
     assert proc.returncode != 0
     assert f"token file {tmp_path / 'nothing' / 'tokens.pt'} does not exist: train stage 1 first" in proc.stderr
 
@@ -359,9 +435,25 @@ def test_2d_slices_of_paired_volumes_train_and_sample(nifti_dir, tmp_path):
     s2 = stage2_overrides(s1, str(tmp_path / "prior"), max_epochs=1)
     run_bundle(s2, json.dumps([STAGE1, PRIOR, ABSORBING]))
     out = str(tmp_path / "samples")
-    run_bundle({"spatial_dims": 2, "in_channels": 2, "resolution": 16, "vq_channels": [8, 8], "num_embeddings": 16, "embedding_dim": 4,
-                "prior_dim": 16, "prior_depth": 1, "prior_heads": 2, "num_timesteps": 8, "vqvae_path": s1["vqvae_path"],
-                "ckpt_path": s2["model_path"], "output_dir": out, "num_samples": 2}, "configs/vq_inference.json")
+    run_bundle(
+        {
+            "spatial_dims": 2,
+            "in_channels": 2,
+            "resolution": 16,
+            "vq_channels": [8, 8],
+            "num_embeddings": 16,
+            "embedding_dim": 4,
+            "prior_dim": 16,
+            "prior_depth": 1,
+            "prior_heads": 2,
+            "num_timesteps": 8,
+            "vqvae_path": s1["vqvae_path"],
+            "ckpt_path": s2["model_path"],
+            "output_dir": out,
+            "num_samples": 2,
+        },
+        "configs/vq_inference.json",
+    )
     sample = nib.load(os.path.join(out, "sample_t0.9_00000.nii.gz"))
     assert sample.shape == (16, 16, 1, 2)  # 2-D, two channels
     # single-channel files for in_channels 2: the error names the file
@@ -411,15 +503,38 @@ def test_compare_reports_formats_both_families_from_the_reports(tmp_path):
         return {
             "likelihood": likelihood,
             "reconstruction": {"psnr_db": 22.61, "ssim": 0.7612},
-            "real": {"diversity_mean_pairwise_ms_ssim": 0.833, "frechet_distance_to_train": 173.2, "mmd_to_train": 0.0123, "nearest_train_rmse": {"median": 0.145}},
+            "real": {
+                "diversity_mean_pairwise_ms_ssim": 0.833,
+                "frechet_distance_to_train": 173.2,
+                "mmd_to_train": 0.0123,
+                "nearest_train_rmse": {"median": 0.145},
+            },
             "samples": {
-                "0.3": {"diversity_mean_pairwise_ms_ssim": 0.878, "frechet_distance_to_train": 6062.4, "mmd_to_train": 0.5, "nearest_train_rmse": stats, "seconds_per_sample": 0.1},
-                "0.8": {"diversity_mean_pairwise_ms_ssim": 0.496, "frechet_distance_to_train": 5360.0, "mmd_to_train": 0.4, "nearest_train_rmse": stats, "seconds_per_sample": 0.12},
+                "0.3": {
+                    "diversity_mean_pairwise_ms_ssim": 0.878,
+                    "frechet_distance_to_train": 6062.4,
+                    "mmd_to_train": 0.5,
+                    "nearest_train_rmse": stats,
+                    "seconds_per_sample": 0.1,
+                },
+                "0.8": {
+                    "diversity_mean_pairwise_ms_ssim": 0.496,
+                    "frechet_distance_to_train": 5360.0,
+                    "mmd_to_train": 0.4,
+                    "nearest_train_rmse": stats,
+                    "seconds_per_sample": 0.12,
+                },
             },
         }
 
     vdvae = report({"neg_elbo_nats_per_voxel": {"mean": -1.4461}, "neg_elbo_bits_per_voxel": {"mean": 4.68}})
-    vq = report({"bits_per_token": {"mean": 1.2345}, "tokens_per_volume": 512, "kind": "ELBO of the tokens (upper bound on the NLL), mean of 4 draws"})
+    vq = report(
+        {
+            "bits_per_token": {"mean": 1.2345},
+            "tokens_per_volume": 512,
+            "kind": "ELBO of the tokens (upper bound on the NLL), mean of 4 draws",
+        }
+    )
     rows = comparison_rows({"VDVAE": vdvae, "VQ": vq}, {"VDVAE": 0.8})
     assert rows[0][:5] == ["VDVAE (T=0.8)", "-1.446 nats/voxel (neg. ELBO)", "22.6", "0.761", "0.496 (0.833)"]
     assert rows[0][5:] == ["5360 (173)", "0.400 (0.012)", "0.200 (0.145)", "0.120"]

@@ -102,7 +102,9 @@ def check_hyperparameters(values: dict, schema: dict) -> None:
         close = difflib.get_close_matches(key, sorted(known), n=1)
         errors.append(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     validator = jsonschema.Draft7Validator(schema)
-    for err in sorted(validator.iter_errors({k: v for k, v in values.items() if k in known}), key=lambda e: list(e.path)):
+    for err in sorted(
+        validator.iter_errors({k: v for k, v in values.items() if k in known}), key=lambda e: list(e.path)
+    ):
         where = "/".join(str(p) for p in err.path) or "(top level)"
         hint = ""
         if err.validator == "type" and err.validator_value == "boolean" and isinstance(err.instance, str):

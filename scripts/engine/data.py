@@ -25,7 +25,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-__all__ = ["DataSplit", "find_niftis", "check_nifti_header", "file_identity_hash", "atomic_write_json", "make_dataset", "preprocess_volumes"]
+__all__ = [
+    "DataSplit",
+    "find_niftis",
+    "check_nifti_header",
+    "file_identity_hash",
+    "atomic_write_json",
+    "make_dataset",
+    "preprocess_volumes",
+]
 
 logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -55,7 +63,11 @@ def check_nifti_header(path: str, channels: int = 1) -> tuple[int, ...]:
     spatial = shape[:3]
     extra = [s for s in shape[3:] if s != 1]
     if len(spatial) < 3 or min(spatial) < 2 or extra != ([] if channels == 1 else [channels]):
-        what = "a 3-D volume (a 4-D file may hold one volume)" if channels == 1 else f"a 4-D file of {channels} 3-D volumes (in_channels = {channels})"
+        what = (
+            "a 3-D volume (a 4-D file may hold one volume)"
+            if channels == 1
+            else f"a 4-D file of {channels} 3-D volumes (in_channels = {channels})"
+        )
         raise ValueError(f"{path}: expected {what}, got shape {shape}")
     return spatial
 
@@ -115,7 +127,9 @@ class DataSplit:
         if max_niis_to_use:
             files = files[: int(max_niis_to_use)]
         if len(files) < 2:
-            raise ValueError(f"dataset_dir {self.dataset_dir!r}: need at least 2 NIfTI files (train + validation), found {len(files)}")
+            raise ValueError(
+                f"dataset_dir {self.dataset_dir!r}: need at least 2 NIfTI files (train + validation), found {len(files)}"
+            )
         for f in files:
             check_nifti_header(f, channels)
         self.split_file = Path(output_dir) / "data_split.json"
@@ -129,9 +143,13 @@ class DataSplit:
             self.val_files = sorted(order[:n_val])
             self.train_files = sorted(order[n_val:])
             if _rank() == 0:
-                atomic_write_json(self.split_file, {"dataset_dir": self.dataset_dir, "train": self.train_files, "val": self.val_files})
+                atomic_write_json(
+                    self.split_file, {"dataset_dir": self.dataset_dir, "train": self.train_files, "val": self.val_files}
+                )
         self.preprocessing_info: dict = {}
-        logger.info(f"data: {len(self.train_files)} training and {len(self.val_files)} validation volumes from {self.dataset_dir}")
+        logger.info(
+            f"data: {len(self.train_files)} training and {len(self.val_files)} validation volumes from {self.dataset_dir}"
+        )
 
     def _load_saved(self, files: list[str]) -> tuple[list[str], list[str]] | None:
         if not self.split_file.exists():
@@ -180,7 +198,9 @@ class DataSplit:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if sorted(state["train_files"]) != sorted(self.train_files) or sorted(state["val_files"]) != sorted(self.val_files):
+        if sorted(state["train_files"]) != sorted(self.train_files) or sorted(state["val_files"]) != sorted(
+            self.val_files
+        ):
             raise ValueError(
                 "the checkpoint was trained on another train/validation split than "
                 f"{self.split_file}: resume with the same dataset_dir and output_dir"
@@ -231,7 +251,9 @@ def make_dataset(data: list[dict], transform: Callable, cache: str = "none", cac
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache='disk' needs a cache_dir")
-        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=file_identity_hash, hash_transform=pickle_hashing)
+        return PersistentDataset(
+            data, transform, cache_dir=cache_dir, hash_func=file_identity_hash, hash_transform=pickle_hashing
+        )
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
 
 

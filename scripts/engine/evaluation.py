@@ -22,8 +22,8 @@ samples per temperature:
   same distance for the held-out volumes;
 * time per sample (seconds, wall clock, batch of ``batch_size``).
 
-The network needs ``resolution``, ``forward(x)`` (reconstruction), ``sample(n, temperature)`` and either
-``elbo(x)`` (VDVAE) or ``likelihood(x)`` (VQ family).
+The network is a :class:`scripts.engine.generator.Generator`: each family supplies its own likelihood terms and
+report section; everything else is the same code for both.
 
 Everything streams: volumes pass in batches; only features (N, 224), per-volume figures, the first
 ``diversity_samples`` volumes of each set (for the pairwise MS-SSIM) and chunks of ``chunk_size`` queries for
@@ -46,6 +46,7 @@ from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric
 from torch import nn
 
 from scripts.engine.data import check_nifti_header, find_niftis, make_dataset
+from scripts.engine.generator import require_generator
 from scripts.engine.sampling import check_sampling_options
 from scripts.engine.training import autocast
 from scripts.engine.visualisation import three_plane
@@ -59,12 +60,16 @@ __all__ = [
     "resolve_volumes",
     "check_shapes_match",
     "evaluate",
+    "summary",
 ]
 
 logger = logging.getLogger(__name__)
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
-FEATURE_NETWORK = "RandomFeatureNet v1: 3 x (3^3 conv stride 2 + LeakyReLU 0.2), widths 16/32/64, Kaiming-normal init with seed 0, never trained; features = per-channel mean and std of each stage (224)"
+FEATURE_NETWORK = (
+    "RandomFeatureNet v1: 3 x (3^3 conv stride 2 + LeakyReLU 0.2), widths 16/32/64, Kaiming-normal init with seed 0, "
+    "never trained; features = per-channel mean and std of each stage (224)"
+)
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -137,7 +142,12 @@ def ms_ssim_parameters(resolution: int) -> dict | None:
             for k in kernels:
                 if fits(k, n):
                     w = np.asarray(MS_SSIM_WEIGHTS[:n])
-                    return {"kernel_size": k, "kernel_sigma": 1.5, "num_scales": n, "weights": (w / w.sum()).round(4).tolist()}
+                    return {
+                        "kernel_size": k,
+                        "kernel_sigma": 1.5,
+                        "num_scales": n,
+                        "weights": (w / w.sum()).round(4).tolist(),
+                    }
     return None
 
 
@@ -153,7 +163,11 @@ def mean_pairwise_ms_ssim(volumes: torch.Tensor, params: dict, pairs_per_batch: 
     if n < 2:
         return float("nan"), 0
     metric = MultiScaleSSIMMetric(
-        spatial_dims=3, data_range=1.0, kernel_size=params["kernel_size"], kernel_sigma=params["kernel_sigma"], weights=params["weights"]
+        spatial_dims=3,
+        data_range=1.0,
+        kernel_size=params["kernel_size"],
+        kernel_sigma=params["kernel_sigma"],
+        weights=params["weights"],
     )
     i, j = torch.triu_indices(n, n, offset=1)
     x = _to_unit(volumes)
@@ -216,9 +230,15 @@ def _image(batch: dict) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
-def _summary(values: Sequence[float] | np.ndarray) -> dict:
+def summary(values: Sequence[float] | np.ndarray) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -260,6 +280,52 @@ def check_shapes_match(heldout_files: Sequence[str], train_files: Sequence[str])
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+class _FeatureSpace:
+    """The training set's side of the comparison: standardised features of every training volume (the reference
+    set of the Frechet distance and MMD, with the MMD's random Fourier features) and the nearest-neighbour search."""
+
+    def __init__(self, train_loader: DataLoader, device: torch.device, chunk_size: int) -> None:
+        self.loader, self.device, self.chunk_size = train_loader, device, chunk_size
+        self.net = RandomFeatureNet().to(device)
+        with torch.no_grad():
+            feats = torch.cat([self.net(_image(b).to(device)).cpu() for b in train_loader])
+        self.mu, self.sd = feats.mean(0), feats.std(0, unbiased=False).clamp_min(1e-6)
+        self.train_z = self.standardise(feats)
+        self.rff = RandomFourierFeatures(self.train_z.shape[1], sigma=_median_distance(self.train_z))
+
+    def standardise(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mu) / self.sd
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).cpu()
+
+    def nearest(self) -> NearestTrainingVolume:
+        return NearestTrainingVolume(self.loader, self.device, self.chunk_size)
+
+    def distribution(self, z: torch.Tensor, n: int) -> dict:
+        """Frechet distance and MMD of the first ``n`` standardised features ``z`` to the training set's."""
+        return {
+            "frechet_distance_to_train": _frechet(z[:n], self.train_z),
+            "mmd_to_train": _mmd(z[:n], self.train_z, self.rff),
+            "num_volumes_for_distribution_metrics": n,
+        }
+
+
+def _check_inputs(
+    num_samples: int, temperature, heldout_files: Sequence[str], train_files: Sequence[str]
+) -> list[float]:
+    temps = check_sampling_options(num_samples, temperature)
+    if num_samples < 2:
+        raise ValueError(
+            f"num_samples must be at least 2 for the evaluation (pairwise MS-SSIM, MMD), got {num_samples}"
+        )
+    if len(heldout_files) < 2:
+        raise ValueError(f"the held-out set needs at least 2 volumes, got {len(heldout_files)}")
+    if not train_files:
+        raise ValueError("the training set (train_dir) holds no volumes")
+    return temps
+
+
 def evaluate(
     network: nn.Module,
     heldout_files: Sequence[str],
@@ -283,7 +349,8 @@ def evaluate(
     """Evaluates ``network`` and writes ``output_dir/report.json`` and ``output_dir/report.png``.
 
     Args:
-        network: the trained VDVAE or :class:`scripts.vq.networks.VQGenerator` (single-channel, 3-D), in eval mode.
+        network: a trained :class:`scripts.engine.generator.Generator` (the VDVAE, with or without its post-hoc
+            prior, or a :class:`scripts.vq.networks.VQGenerator`) of single-channel 3-D volumes.
         heldout_files: NIfTI volumes never trained on (at least 2).
         train_files: the training volumes (reference set of the Frechet distance and MMD, and of the
             nearest-neighbour search).
@@ -293,7 +360,7 @@ def evaluate(
         temperature: a number or a list (> 0); sample figures are given per temperature.
         seed: seeds the posterior noise of the ELBO and the samples (batch b of a temperature: ``seed + b``).
         batch_size: volumes per batch.
-        device, amp: where and in which precision the VAE runs ("none", "bfloat16", "float16").
+        device, amp: where and in which precision the network runs ("none", "bfloat16", "float16").
         diversity_samples: the first N volumes of each set enter the pairwise MS-SSIM (N (N - 1) / 2 pairs).
         chunk_size: queries per pass over the training set in the nearest-neighbour search.
         kl_active_threshold: a latent group is active when its mean KL exceeds this many nats per volume.
@@ -302,156 +369,182 @@ def evaluate(
         num_workers: DataLoader workers.
         sources: where the file lists came from, copied into the report.
     """
-    temps = check_sampling_options(num_samples, temperature)
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2 for the evaluation (pairwise MS-SSIM, MMD), got {num_samples}")
-    if len(heldout_files) < 2:
-        raise ValueError(f"the held-out set needs at least 2 volumes, got {len(heldout_files)}")
-    if not train_files:
-        raise ValueError("the training set (train_dir) holds no volumes")
+    temps = _check_inputs(num_samples, temperature, heldout_files, train_files)
     train_shapes = check_shapes_match(heldout_files, train_files) if check_shapes else None
     device = torch.device(device)
-    network = network.to(device).eval()
-    vdvae = hasattr(network, "elbo")
-    resolution = int(network.resolution)
-    ms_params = ms_ssim_parameters(resolution)
-    ssim_kernel = min(7, resolution - (1 - resolution % 2))
-    features = RandomFeatureNet().to(device)
+    network = require_generator(network).to(device).eval()
 
     def loader(files: Sequence[str], cached: bool = False) -> DataLoader:
         data = [{"image": f} for f in files]
-        ds = make_dataset(data, preprocessing, cache, os.path.join(output_dir, "cache")) if cached else Dataset(data, preprocessing)
+        ds = (
+            make_dataset(data, preprocessing, cache, os.path.join(output_dir, "cache"))
+            if cached
+            else Dataset(data, preprocessing)
+        )
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
-    train_loader = loader(train_files, cached=True)
-    heldout_loader = loader(heldout_files)
-
-    # reference features of the training set
     logger.info(f"evaluation: features of {len(train_files)} training volumes")
-    with torch.no_grad():
-        train_feats = torch.cat([features(_image(b).to(device)).cpu() for b in train_loader])
-    mu, sd = train_feats.mean(0), train_feats.std(0, unbiased=False).clamp_min(1e-6)
-    standardise = lambda f: (f - mu) / sd  # noqa: E731
-    train_z = standardise(train_feats)
-    rff = RandomFourierFeatures(train_z.shape[1], sigma=_median_distance(train_z))
-
-    # held-out pass: ELBO, reconstructions, features, diversity set, nearest training volumes
-    logger.info(f"evaluation: {len(heldout_files)} held-out volumes (ELBO, reconstructions, nearest training volumes)")
-    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_kernel, kernel_sigma=1.5)
-    elbo_nats, elbo_bits, kl_groups, token_bits, held_feats, held_div, shown = [], [], [], [], [], [], {}
-    held_nn = NearestTrainingVolume(train_loader, device, chunk_size)
+    space = _FeatureSpace(loader(train_files, cached=True), device, chunk_size)
+    logger.info(
+        f"evaluation: {len(heldout_files)} held-out volumes (likelihood, reconstructions, nearest training volumes)"
+    )
     torch.manual_seed(seed)
+    held = _heldout_pass(network, loader(heldout_files), space, device, amp, diversity_samples)
+    ms_params = ms_ssim_parameters(network.resolution)
+    n_eq = min(num_samples, held["z"].shape[0])
+    report: dict = {
+        "checkpoint_resolution": int(network.resolution),
+        "heldout": {"source": (sources or {}).get("heldout"), "num_volumes": held["z"].shape[0]},
+        "train": {
+            "source": (sources or {}).get("train"),
+            "num_volumes": int(space.train_z.shape[0]),
+            "voxel_grids": train_shapes,
+        },
+        "seed": seed,
+        "model": network.describe(),
+        "likelihood": network.likelihood_report(held["terms"], kl_active_threshold=kl_active_threshold),
+        "reconstruction": {
+            **held["reconstruction"],
+            "note": network.reconstruction_note()
+            + " vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
+        },
+        "ms_ssim_parameters": ms_params,
+        "feature_network": FEATURE_NETWORK + "; comparable only between evaluations of this bundle",
+        "real": {
+            **_diversity(held["diversity"], ms_params),
+            **space.distribution(held["z"], n_eq),
+            "nearest_train_rmse": summary(held["distances"]),
+        },
+        "samples": {},
+    }
+    if ms_params is None:
+        report["ms_ssim_parameters"] = f"MS-SSIM needs at least 8^3 voxels; not computed at {network.resolution}^3"
+    if float(held["distances"].min()) == 0.0:
+        logger.warning(
+            "some held-out volumes are identical to training volumes: is the held-out set part of train_dir?"
+        )
+        report["real"]["heldout_volumes_identical_to_a_training_volume"] = int((held["distances"] == 0).sum())
+    shown, distances = held["shown"], {"held-out": held["distances"]}
+    for t in temps:
+        logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
+        section, first, dist = _sample_pass(
+            network, t, num_samples, seed, batch_size, space, device, amp, diversity_samples, n_eq, train_files
+        )
+        section["fraction_closer_than_closest_heldout"] = float((dist < held["distances"].min()).mean())
+        report["samples"][f"{t:g}"] = section
+        shown[f"samples T={t:g}"], distances[f"samples T={t:g}"] = first, dist
+    report["notes"] = NOTES
+    return _write_report(report, shown, distances, output_dir)
+
+
+def _heldout_pass(
+    network: nn.Module, loader: DataLoader, space: _FeatureSpace, device: torch.device, amp: str, diversity_samples: int
+) -> dict:
+    """One pass over the held-out volumes: the family's likelihood terms, PSNR/SSIM of the reconstructions,
+    standardised features, the diversity set, the volumes shown and the distances to the nearest training volume."""
+    resolution = int(network.resolution)
+    ssim_kernel = min(7, resolution - (1 - resolution % 2))
+    psnr, ssim = (
+        PSNRMetric(max_val=1.0),
+        SSIMMetric(spatial_dims=3, data_range=1.0, win_size=ssim_kernel, kernel_sigma=1.5),
+    )
+    terms: dict[str, list[torch.Tensor]] = {}
+    feats, diversity, shown, nearest = [], [], {"held-out": [], "reconstructions": []}, space.nearest()
     with torch.no_grad():
-        for batch in heldout_loader:
+        for batch in loader:
             x = _image(batch).to(device).float()
             if tuple(x.shape[1:]) != (1,) + (resolution,) * 3:
-                raise ValueError(f"evaluation needs single-channel 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])}")
+                raise ValueError(
+                    f"evaluation needs single-channel 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])}"
+                )
             with autocast(device, amp):
-                if vdvae:
-                    terms = network.elbo(x)
-                    elbo_nats.append(terms["neg_elbo_nats"].cpu())
-                    elbo_bits.append(terms["neg_elbo_bits"].cpu())
-                    kl_groups.append(terms["kl_per_group"].float().cpu())
-                else:
-                    token_bits.append(network.likelihood(x)["bits_per_token"].float().cpu())
+                for k, v in network.heldout_likelihood(x).items():
+                    terms.setdefault(k, []).append(v.float().cpu())
                 recon = network(x).float()
             psnr(_to_unit(recon), _to_unit(x))
             ssim(_to_unit(recon), _to_unit(x))
-            held_feats.append(features(x).cpu())
-            _keep(held_div, x, diversity_samples)
-            _keep(shown.setdefault("held-out", []), x, 4)
-            _keep(shown.setdefault("reconstructions", []), recon, 4)
-            held_nn.add(x)
-    held_feats_z = standardise(torch.cat(held_feats))
-    held_dist, _ = held_nn.result()
-    distances = {"held-out": held_dist}
-    n_held = held_feats_z.shape[0]
-
-    n_eq = min(num_samples, n_held)
-    real_div, real_pairs = mean_pairwise_ms_ssim(torch.cat(held_div), ms_params) if ms_params else (None, 0)
-    report: dict = {
-        "checkpoint_resolution": resolution,
-        "heldout": {"source": (sources or {}).get("heldout"), "num_volumes": n_held},
-        "train": {"source": (sources or {}).get("train"), "num_volumes": int(train_feats.shape[0]), "voxel_grids": train_shapes},
-        "seed": seed,
-        "model": network.describe() if hasattr(network, "describe") else {"family": "vdvae"},
-        "likelihood": (
-            _vdvae_likelihood(network, elbo_nats, elbo_bits, kl_groups, kl_active_threshold) if vdvae else _token_likelihood(network, token_bits)
-        ),
+            feats.append(space.features(x))
+            _keep(diversity, x, diversity_samples)
+            _keep(shown["held-out"], x, 4)
+            _keep(shown["reconstructions"], recon, 4)
+            nearest.add(x)
+    distances, _ = nearest.result()
+    return {
+        "terms": {k: torch.cat(v) for k, v in terms.items()},
         "reconstruction": {
             "psnr_db": float(psnr.aggregate().item()),
             "ssim": float(ssim.aggregate().item()),
             "ssim_kernel_size": ssim_kernel,
             "ssim_kernel_sigma": 1.5,
-            "note": (
-                "posterior-mean reconstructions" if vdvae else "reconstructions through the codebook (decoded token grids)"
-            ) + " vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
         },
-        "ms_ssim_parameters": ms_params,
-        "feature_network": FEATURE_NETWORK + "; comparable only between evaluations of this bundle",
-        "real": {
-            "diversity_mean_pairwise_ms_ssim": real_div,
-            "diversity_pairs": real_pairs,
-            "frechet_distance_to_train": _frechet(held_feats_z[:n_eq], train_z),
-            "mmd_to_train": _mmd(held_feats_z[:n_eq], train_z, rff),
-            "num_volumes_for_distribution_metrics": n_eq,
-            "nearest_train_rmse": _summary(held_dist),
-        },
-        "samples": {},
+        "z": space.standardise(torch.cat(feats)),
+        "diversity": diversity,
+        "shown": shown,
+        "distances": distances,
     }
-    if ms_params is None:
-        report["ms_ssim_parameters"] = f"MS-SSIM needs at least 8^3 voxels; not computed at {resolution}^3"
-    if float(held_dist.min()) == 0.0:
-        logger.warning("some held-out volumes are identical to training volumes: is the held-out set part of train_dir?")
-        report["real"]["heldout_volumes_identical_to_a_training_volume"] = int((held_dist == 0).sum())
 
-    # samples, per temperature
-    for t in temps:
-        logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
-        feats, div, nn_search, first, seconds = [], [], NearestTrainingVolume(train_loader, device, chunk_size), [], 0.0
-        with torch.no_grad():
-            for b, start in enumerate(range(0, num_samples, batch_size)):
-                torch.manual_seed(seed + b)
-                tic = time.perf_counter()
-                with autocast(device, amp):
-                    s = network.sample(min(batch_size, num_samples - start), t).float()
-                seconds += time.perf_counter() - tic
-                feats.append(features(s).cpu())
-                _keep(div, s, diversity_samples)
-                _keep(first, s, 4)
-                nn_search.add(s)
-        z = standardise(torch.cat(feats))
-        dist, nearest = nn_search.result()
-        div_value, div_pairs = mean_pairwise_ms_ssim(torch.cat(div), ms_params) if ms_params else (None, 0)
-        order = np.argsort(dist)[:5]
-        report["samples"][f"{t:g}"] = {
-            "temperature": t,
-            "num_samples": num_samples,
-            "seconds_per_sample": seconds / num_samples,
-            "diversity_mean_pairwise_ms_ssim": div_value,
-            "diversity_pairs": div_pairs,
-            "frechet_distance_to_train": _frechet(z[:n_eq], train_z),
-            "mmd_to_train": _mmd(z[:n_eq], train_z, rff),
-            "num_volumes_for_distribution_metrics": n_eq,
-            "nearest_train_rmse": _summary(dist),
-            "fraction_closer_than_closest_heldout": float((dist < held_dist.min()).mean()),
-            "closest_samples": [
-                {"sample": int(i), "rmse": float(dist[i]), "nearest_train_volume": train_files[nearest[i]]} for i in order
-            ],
-        }
-        shown[f"samples T={t:g}"] = first
-        distances[f"samples T={t:g}"] = dist
 
-    report["notes"] = {
-        "diversity": "mean MS-SSIM over all pairs of the first `diversity_samples` volumes; lower = more diverse; compare samples with real",
-        "distribution_metrics": (
-            "Frechet distance (MONAI FIDMetric) and MMD^2 (MONAI MMDMetric, unbiased, Gaussian kernel of bandwidth the median "
-            "pairwise distance of the training features, via 2048 seeded random Fourier features) between features standardised "
-            "with the training set's mean and std; samples and held-out volumes use the same number of volumes "
-            "(num_volumes_for_distribution_metrics), since both figures depend on it; the held-out figure is the floor to expect"
-        ),
-        "memorisation": "RMSE on the [-1, 1] scale to the nearest training volume; samples much closer than held-out volumes suggest copying",
+def _sample_pass(
+    network: nn.Module,
+    t: float,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    space: _FeatureSpace,
+    device: torch.device,
+    amp: str,
+    diversity_samples: int,
+    n_eq: int,
+    train_files: Sequence[str],
+) -> tuple[dict, list[torch.Tensor], np.ndarray]:
+    """``num_samples`` samples at temperature ``t`` (batch b seeded ``seed + b``): the report's section, the first
+    four samples and every sample's distance to its nearest training volume."""
+    feats, diversity, nearest, first, seconds = [], [], space.nearest(), [], 0.0
+    with torch.no_grad():
+        for b, start in enumerate(range(0, num_samples, batch_size)):
+            torch.manual_seed(seed + b)
+            tic = time.perf_counter()
+            with autocast(device, amp):
+                s = network.sample(min(batch_size, num_samples - start), t).float()
+            seconds += time.perf_counter() - tic
+            feats.append(space.features(s))
+            _keep(diversity, s, diversity_samples)
+            _keep(first, s, 4)
+            nearest.add(s)
+    dist, nearest_idx = nearest.result()
+    section = {
+        "temperature": t,
+        "num_samples": num_samples,
+        "seconds_per_sample": seconds / num_samples,
+        **_diversity(diversity, ms_ssim_parameters(int(network.resolution))),
+        **space.distribution(space.standardise(torch.cat(feats)), n_eq),
+        "nearest_train_rmse": summary(dist),
+        "closest_samples": [
+            {"sample": int(i), "rmse": float(dist[i]), "nearest_train_volume": train_files[nearest_idx[i]]}
+            for i in np.argsort(dist)[:5]
+        ],
     }
+    return section, first, dist
+
+
+def _diversity(volumes: list[torch.Tensor], ms_params: dict | None) -> dict:
+    value, pairs = mean_pairwise_ms_ssim(torch.cat(volumes), ms_params) if ms_params else (None, 0)
+    return {"diversity_mean_pairwise_ms_ssim": value, "diversity_pairs": pairs}
+
+
+NOTES = {
+    "diversity": "mean MS-SSIM over all pairs of the first `diversity_samples` volumes; lower = more diverse; compare samples with real",
+    "distribution_metrics": (
+        "Frechet distance (MONAI FIDMetric) and MMD^2 (MONAI MMDMetric, unbiased, Gaussian kernel of bandwidth the median "
+        "pairwise distance of the training features, via 2048 seeded random Fourier features) between features standardised "
+        "with the training set's mean and std; samples and held-out volumes use the same number of volumes "
+        "(num_volumes_for_distribution_metrics), since both figures depend on it; the held-out figure is the floor to expect"
+    ),
+    "memorisation": "RMSE on the [-1, 1] scale to the nearest training volume; samples much closer than held-out volumes suggest copying",
+}
+
+
+def _write_report(report: dict, shown: dict, distances: dict, output_dir: str) -> dict:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "report.json")
     with open(path, "w") as f:
@@ -459,46 +552,6 @@ def evaluate(
     plot_report(report, shown, distances, os.path.join(output_dir, "report.png"))
     logger.info(f"wrote {path} and {os.path.join(output_dir, 'report.png')}")
     return report
-
-
-def _vdvae_likelihood(network: nn.Module, elbo_nats: list, elbo_bits: list, kl_groups: list, kl_active_threshold: float) -> dict:
-    """Likelihood section of the VDVAE report: negative ELBO per voxel and KL per latent group."""
-    kl = torch.cat(kl_groups)  # (N, G) nats per volume
-    group_res = network.group_resolutions()
-    dims = network.latent_dims_per_group()
-    groups = []
-    for g in range(kl.shape[1]):
-        mean_kl = float(kl[:, g].mean())
-        groups.append(
-            {"group": g, "resolution": group_res[g], "latent_dims": dims[g], "kl_nats_per_volume": mean_kl,
-             "kl_nats_per_latent_dim": mean_kl / dims[g], "active": mean_kl > kl_active_threshold}
-        )
-    return {
-        "neg_elbo_nats_per_voxel": _summary(torch.cat(elbo_nats).numpy()),
-        "neg_elbo_bits_per_voxel": _summary(torch.cat(elbo_bits).numpy()),
-        "kl_nats_per_volume": float(kl.sum(1).mean()),
-        "kl_active_threshold_nats_per_volume": kl_active_threshold,
-        "active_groups": [g["group"] for g in groups if g["active"]],
-        "collapsed_groups": [g["group"] for g in groups if not g["active"]],
-        "kl_per_group": groups,
-        "note": "single-sample ELBO estimate (posterior noise seeded with `seed`); groups listed top of the hierarchy first",
-    }
-
-
-def _token_likelihood(network: nn.Module, token_bits: list) -> dict:
-    """Likelihood section of a VQ-family report: the prior's bits per token of the held-out token grids."""
-    bits = torch.cat(token_bits).numpy()
-    tokens = math.prod(network.vqvae.token_grid)
-    return {
-        "bits_per_token": _summary(bits),
-        "tokens_per_volume": tokens,
-        "bits_per_volume": float(bits.mean() * tokens),
-        "kind": network.describe()["likelihood"],
-        "note": (
-            "the likelihood of the token grid under the prior; the VQ-VAE decoder is deterministic, so this is not a "
-            "likelihood of the voxels and cannot be compared with the VDVAE's bits per voxel"
-        ),
-    }
 
 
 def _keep(store: list, x: torch.Tensor, limit: int) -> None:
@@ -553,7 +606,11 @@ def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: d
 
     pad, label_w, chart_h = 40, 150, 260
     upscale = max(1, min(6, 128 // int(report["checkpoint_resolution"])))
-    tiles = [(name, np.concatenate([three_plane(v) for v in torch.cat(vols)], axis=1)) for name, vols in shown.items() if vols]
+    tiles = [
+        (name, np.concatenate([three_plane(v) for v in torch.cat(vols)], axis=1))
+        for name, vols in shown.items()
+        if vols
+    ]
     width = max(900, 2 * pad + label_w + max(t.shape[1] for _, t in tiles) * upscale)
     tiles_h = sum(t.shape[0] * upscale + 20 for _, t in tiles)
     img = Image.new("RGB", (width, 2 * chart_h + tiles_h + 3 * pad), "white")
@@ -565,10 +622,18 @@ def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: d
     if "kl_per_group" not in likelihood:
         draw.text((pad, 8), f"{report['model']['family']}: held-out {likelihood['kind']}", fill="black")
         b = likelihood["bits_per_token"]
-        draw.text((pad, 30), f"bits per token: mean {b['mean']:.3f} (median {b['median']:.3f}), {likelihood['tokens_per_volume']} tokens per volume", fill="black")
+        draw.text(
+            (pad, 30),
+            f"bits per token: mean {b['mean']:.3f} (median {b['median']:.3f}), {likelihood['tokens_per_volume']} tokens per volume",
+            fill="black",
+        )
     else:
         groups = report["likelihood"]["kl_per_group"]
-        draw.text((pad, 8), "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)", fill="black")
+        draw.text(
+            (pad, 8),
+            "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)",
+            fill="black",
+        )
         values = [max(g["kl_nats_per_volume"], 1e-6) for g in groups]
         lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
         hi = max(hi, lo + 1)
@@ -577,14 +642,21 @@ def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: d
         bar_w = (x1 - x0) / len(groups)
         for i, (g, v) in enumerate(zip(groups, values)):
             top = y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
-            draw.rectangle((x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1), fill=(40, 70, 160) if g["active"] else (170, 190, 230))
+            draw.rectangle(
+                (x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1),
+                fill=(40, 70, 160) if g["active"] else (170, 190, 230),
+            )
             draw.text((x0 + i * bar_w + 2, y1 + 4), f"{g['resolution']}^3", fill="black")
         for e in range(lo, hi + 1):
             draw.text((pad - 30, y1 - (e - lo) / (hi - lo) * (y1 - y0) - 6), f"1e{e}", fill="black")
 
     # distances to the nearest training volume, one strip per set
     top = chart_h + pad
-    draw.text((pad, top - 20), "RMSE to the nearest training volume ([-1, 1] scale; one tick per volume, median in red)", fill="black")
+    draw.text(
+        (pad, top - 20),
+        "RMSE to the nearest training volume ([-1, 1] scale; one tick per volume, median in red)",
+        fill="black",
+    )
     vmax = max(float(d.max()) for d in distances.values()) or 1.0
     row_h = (chart_h - 40) / len(distances)
     for r, (name, d) in enumerate(distances.items()):

@@ -54,12 +54,16 @@ def generate_synthetic_data(
         raise ValueError(f"number_of_files must be >= 1, got {number_of_files}")
     lo, hi = ellipsoid_increment_interval
     if not 0 <= lo <= hi:
-        raise ValueError(f"ellipsoid_increment_interval must be [lo, hi] with 0 <= lo <= hi, got {ellipsoid_increment_interval}")
+        raise ValueError(
+            f"ellipsoid_increment_interval must be [lo, hi] with 0 <= lo <= hi, got {ellipsoid_increment_interval}"
+        )
     os.makedirs(output_directory, exist_ok=True)
     rng = np.random.default_rng(random_seed)
     paths = []
     for i in range(number_of_files):
-        vol = synthetic_volume(rng, voxels_per_axis, background_noise_amplitude, background_noise_length_scale, (lo, hi))
+        vol = synthetic_volume(
+            rng, voxels_per_axis, background_noise_amplitude, background_noise_length_scale, (lo, hi)
+        )
         path = os.path.join(output_directory, f"synthetic_{i:05d}.nii.gz")
         nib.save(nib.Nifti1Image(vol, np.eye(4)), path)
         paths.append(path)

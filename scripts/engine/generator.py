@@ -44,7 +44,14 @@ def require_generator(network: object) -> Generator:
     """``network`` when it implements :class:`Generator`; else a TypeError naming what it lacks."""
     missing = [
         name
-        for name in ("resolution", "sample", "describe", "heldout_likelihood", "likelihood_report", "reconstruction_note")
+        for name in (
+            "resolution",
+            "sample",
+            "describe",
+            "heldout_likelihood",
+            "likelihood_report",
+            "reconstruction_note",
+        )
         if not hasattr(network, name)
     ]
     if missing:

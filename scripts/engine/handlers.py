@@ -105,7 +105,9 @@ class TrainingCheckpoint:
         if self.every > 0:
             engine.add_event_handler(
                 Events.ITERATION_COMPLETED(
-                    event_filter=lambda e, it: it % self.every == 0 and (e.state.epoch_length is None or it % e.state.epoch_length != 0)
+                    event_filter=lambda e, it: (
+                        it % self.every == 0 and (e.state.epoch_length is None or it % e.state.epoch_length != 0)
+                    )
                 ),
                 self._save,
             )
@@ -154,9 +156,16 @@ class BestModelSaver:
             torch.save(state, tmp)
             os.replace(tmp, self.path)
             if self.data is not None and self.data.preprocessing_info:
-                info = {**self.data.preprocessing_info, "metric": self.metric_name, "value": value, "epoch": self.best_epoch}
+                info = {
+                    **self.data.preprocessing_info,
+                    "metric": self.metric_name,
+                    "value": value,
+                    "epoch": self.best_epoch,
+                }
                 atomic_write_json(os.path.splitext(self.path)[0] + ".json", info)
-            logger.info(f"epoch {self.best_epoch}: {self.metric_name} {value:.5f} is the best so far; saved {self.path}")
+            logger.info(
+                f"epoch {self.best_epoch}: {self.metric_name} {value:.5f} is the best so far; saved {self.path}"
+            )
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -170,7 +179,15 @@ class VolumeImageLogger:
     its reconstructions (posterior means) and ``num_samples`` samples at ``temperature`` to TensorBoard, at
     the trainer's epoch."""
 
-    def __init__(self, summary_writer, network: nn.Module, ema: AveragedModel | None = None, num_samples: int = 4, temperature: float = 0.8, max_volumes: int = 4) -> None:
+    def __init__(
+        self,
+        summary_writer,
+        network: nn.Module,
+        ema: AveragedModel | None = None,
+        num_samples: int = 4,
+        temperature: float = 0.8,
+        max_volumes: int = 4,
+    ) -> None:
         self.writer = summary_writer
         self.network = network
         self.ema = ema
@@ -188,7 +205,10 @@ class VolumeImageLogger:
     def _keep_first(self, engine: Engine) -> None:
         out = engine.state.output
         if out.get("recon") is not None:
-            self._first = {"image": out["image"][: self.max_volumes].cpu(), "recon": out["recon"][: self.max_volumes].cpu()}
+            self._first = {
+                "image": out["image"][: self.max_volumes].cpu(),
+                "recon": out["recon"][: self.max_volumes].cpu(),
+            }
 
     def __call__(self, engine: Engine) -> None:
         step = engine.state.epoch

@@ -55,11 +55,15 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, TorchScript archives, pickles of other objects
-        raise ValueError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise ValueError(
+            f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
     if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
         state = state["network"]  # a full training checkpoint
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of network_def (models/model.pt), got a {type(state).__name__}")
+        raise ValueError(
+            f"{path}: expected a state dict of network_def (models/model.pt), got a {type(state).__name__}"
+        )
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -83,7 +87,9 @@ def read_sidecar(model_path: str) -> dict:
 def check_sampling_options(num_samples: int, temperature: float | Sequence[float]) -> list[float]:
     """Validates ``num_samples`` (> 0) and ``temperature`` (a number or a non-empty list, each > 0); returns
     the temperatures as a list. Errors name the option and the value."""
-    temps = list(temperature) if isinstance(temperature, Sequence) and not isinstance(temperature, str) else [temperature]
+    temps = (
+        list(temperature) if isinstance(temperature, Sequence) and not isinstance(temperature, str) else [temperature]
+    )
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"num_samples must be positive (an integer >= 1), got {num_samples!r}")
     try:
@@ -153,7 +159,11 @@ class SamplingEvaluator(SupervisedEvaluator):
                     stop += 1
                 out.append(engine.inferer(stop - start, engine.network, temps[start]))
                 start = stop
-        engine.state.output = {"pred": torch.cat(out).float(), "index": batchdata["index"], "temperature": batchdata["temperature"]}
+        engine.state.output = {
+            "pred": torch.cat(out).float(),
+            "index": batchdata["index"],
+            "temperature": batchdata["temperature"],
+        }
         return engine.state.output
 
 
@@ -249,7 +259,13 @@ class ReconstructionWriter:
     ``clamp_percentiles``, as in preprocessing).
     """
 
-    def __init__(self, output_dir: str, levels: Sequence[int], clamp_percentiles: Sequence[float] = (0.05, 99.95), write_png: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        levels: Sequence[int],
+        clamp_percentiles: Sequence[float] = (0.05, 99.95),
+        write_png: bool = True,
+    ) -> None:
         self.output_dir = output_dir
         self.levels = [int(r) for r in levels]
         self.percentiles = [float(p) for p in clamp_percentiles]
@@ -259,7 +275,9 @@ class ReconstructionWriter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda e: os.makedirs(self.output_dir, exist_ok=True))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
-        engine.add_event_handler(Events.COMPLETED, lambda e: logger.info(f"wrote {len(self.written)} reconstructions to {self.output_dir}"))
+        engine.add_event_handler(
+            Events.COMPLETED, lambda e: logger.info(f"wrote {len(self.written)} reconstructions to {self.output_dir}")
+        )
 
     def _write(self, engine: Engine) -> None:
         image = engine.state.batch["image"]
@@ -278,6 +296,8 @@ class ReconstructionWriter:
             for k, r in enumerate(self.levels):
                 save_nifti(to_raw(pred[b, k + 1]), affines[b], f"{out}_recon_to_r{r}.nii.gz")
             if self.write_png:
-                rows = np.stack([inputs[b, :1], *[pred[b, k + 1 : k + 2] for k in range(len(self.levels))], pred[b, :1]])
+                rows = np.stack(
+                    [inputs[b, :1], *[pred[b, k + 1 : k + 2] for k in range(len(self.levels))], pred[b, :1]]
+                )
                 save_png(montage(rows), f"{out}.png")
             self.written.append(f"{out}_recon.nii.gz")

@@ -15,7 +15,7 @@ from ignite.metrics import Average
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch import nn
 
-__all__ = ['configure_allocator', 'backward_and_clip', 'AmpTrainer', 'AmpEvaluator', 'autocast', 'AMP_MODES']
+__all__ = ["configure_allocator", "backward_and_clip", "AmpTrainer", "AmpEvaluator", "autocast", "AMP_MODES"]
 
 AMP_MODES = ("none", "bfloat16", "float16")
 
@@ -75,7 +75,10 @@ def backward_and_clip(
         loss.backward()
     if groups is None:
         groups = {"all": [p for g in optimizer.param_groups for p in g["params"]]}
-    return {name: float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)) for name, params in groups.items()}
+    return {
+        name: float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip))
+        for name, params in groups.items()
+    }
 
 
 class AmpEvaluator(SupervisedEvaluator):
@@ -97,7 +100,12 @@ class AmpTrainer(SupervisedTrainer):
     epoch length; its subclasses write ``_iteration``. (SupervisedTrainer's own ``amp`` autocasts on CUDA only.)"""
 
     def __init__(
-        self, *args: Any, amp_mode: str = "none", gradient_clipping_value: float = 100.0, channels_last: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        amp_mode: str = "none",
+        gradient_clipping_value: float = 100.0,
+        channels_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         kwargs["amp"] = False
         kwargs.setdefault("decollate", False)

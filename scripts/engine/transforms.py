@@ -56,7 +56,11 @@ class ValidateVolumed(MapTransform):
             if img.ndim != 4:
                 raise ValueError(f"{name}: expected a 3-D volume, got an image of shape {tuple(img.shape[1:])}")
             if img.shape[0] != self.channels:
-                hint = "split it into one file per volume" if self.channels == 1 else f"expected in_channels = {self.channels}"
+                hint = (
+                    "split it into one file per volume"
+                    if self.channels == 1
+                    else f"expected in_channels = {self.channels}"
+                )
                 raise ValueError(
                     f"{name}: expected {self.channels} 3-D volume(s), got {img.shape[0]} volumes/channels (shape "
                     f"{tuple(img.shape[1:])} x {img.shape[0]}); {hint}"
@@ -129,7 +133,10 @@ class RandMotiond(RandomizableTransform, MapTransform):
             return d
         axis = int(self.R.randint(3)) + 1
         moves = [
-            (np.deg2rad(self.R.uniform(-self.degrees, self.degrees, 3)), self.R.uniform(-self.translation, self.translation, 3))
+            (
+                np.deg2rad(self.R.uniform(-self.degrees, self.degrees, 3)),
+                self.R.uniform(-self.translation, self.translation, 3),
+            )
             for _ in range(self.num_transforms)
         ]
         cuts = np.sort(self.R.uniform(0, 1, self.num_transforms))
@@ -139,7 +146,9 @@ class RandMotiond(RandomizableTransform, MapTransform):
             k = torch.fft.fftshift(torch.fft.fftn(img, dim=(1, 2, 3)), dim=(1, 2, 3))
             bounds = [0, *[int(c * size) for c in cuts], size]
             for (rot, trans), start, stop in zip(moves, bounds[1:-1], bounds[2:]):
-                moved = Affine(rotate_params=tuple(rot), translate_params=tuple(trans), padding_mode="border", image_only=True)(img)
+                moved = Affine(
+                    rotate_params=tuple(rot), translate_params=tuple(trans), padding_mode="border", image_only=True
+                )(img)
                 k_moved = torch.fft.fftshift(torch.fft.fftn(torch.as_tensor(moved), dim=(1, 2, 3)), dim=(1, 2, 3))
                 index = [slice(None)] * 4
                 index[axis] = slice(start, stop)
@@ -154,7 +163,11 @@ class RandAxisResampled(RandomizableTransform, MapTransform):
     (trilinear), as the reference's one-axis down/up resize (MONAI's RandSimulateLowResolution is isotropic)."""
 
     def __init__(
-        self, keys: KeysCollection, prob: float = 0.1, zoom_range: tuple[float, float] = (0.8, 0.95), allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        prob: float = 0.1,
+        zoom_range: tuple[float, float] = (0.8, 0.95),
+        allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
@@ -173,7 +186,12 @@ class RandAxisResampled(RandomizableTransform, MapTransform):
             shape = list(x.shape[2:])
             small = list(shape)
             small[axis] = max(1, int(round(shape[axis] * zoom)))
-            x = F.interpolate(F.interpolate(x, size=small, mode="trilinear", align_corners=False), size=shape, mode="trilinear", align_corners=False)
+            x = F.interpolate(
+                F.interpolate(x, size=small, mode="trilinear", align_corners=False),
+                size=shape,
+                mode="trilinear",
+                align_corners=False,
+            )
             d[key] = convert_to_dst_type(x[0], img)[0]
         return d
 
@@ -182,7 +200,9 @@ class RandZeroEdgesd(RandomizableTransform, MapTransform):
     """Sets ``width`` voxels at both ends of one random axis to the volume's minimum (its background), as the
     reference's edge zeroing does on data whose background is 0."""
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.1, width: int = 1, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, prob: float = 0.1, width: int = 1, allow_missing_keys: bool = False
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         self.width = int(width)
@@ -202,4 +222,3 @@ class RandZeroEdgesd(RandomizableTransform, MapTransform):
                 img[tuple(index)] = low
             d[key] = img
         return d
-

@@ -45,7 +45,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.engine.anomaly import IntensityAnomaly, VDVAEAnomaly, VQAnomaly, auroc, average_precision, best_dice, dice_at, smooth_maps, volume_scores
+from scripts.engine.anomaly import (
+    IntensityAnomaly,
+    VDVAEAnomaly,
+    VQAnomaly,
+    auroc,
+    average_precision,
+    best_dice,
+    dice_at,
+    smooth_maps,
+    volume_scores,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LESIONS = ("hyperintense", "hypointense", "mass_effect", "mass_effect_large", "artefact")

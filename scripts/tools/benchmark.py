@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from scripts.engine.generate_synthetic_data import synthetic_volume
+from scripts.engine.training import autocast, configure_allocator
 from scripts.vdvae.loss import ELBOLoss, negative_elbo_terms
 from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
-from scripts.engine.training import autocast, configure_allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +62,12 @@ PATHS = [
     FLOAT32,
     Path("float32, channels-last", channels_last=True),
     Path("bfloat16, channels-last (default)", amp="bfloat16", channels_last=True),
-    Path("bfloat16, channels-last, activation checkpointing", amp="bfloat16", channels_last=True, activation_checkpointing=True),
+    Path(
+        "bfloat16, channels-last, activation checkpointing",
+        amp="bfloat16",
+        channels_last=True,
+        activation_checkpointing=True,
+    ),
 ]
 PATHS_BY_KEY = {"float32": PATHS[0], "float32_cl": PATHS[1], "bf16_cl": PATHS[2], "bf16_cl_ckpt": PATHS[3]}
 
@@ -181,7 +186,16 @@ class ConvolutionOnlyModel:
             replay_input = torch.randn(shape, device=self.device, dtype=dtype).contiguous(memory_format=fmt)
             replay_bias = None if bias is None else bias.requires_grad_(True)
             stride, padding = _triple(stride), _triple(padding)
-            self.calls.append((replay_input.requires_grad_(needs_input_grad), weight.requires_grad_(True), replay_bias, stride, padding, groups))
+            self.calls.append(
+                (
+                    replay_input.requires_grad_(needs_input_grad),
+                    weight.requires_grad_(True),
+                    replay_bias,
+                    stride,
+                    padding,
+                    groups,
+                )
+            )
             kernel = weight.shape[2:]
             out_voxels = np.prod([(s + 2 * p - k) // st + 1 for s, p, k, st in zip(shape[2:], padding, kernel, stride)])
             macs = shape[0] * out_voxels * weight.shape[0] * weight.shape[1] * np.prod(kernel)
@@ -221,9 +235,14 @@ def bench_training(resolution: int, steps: int, warmup: int, device: torch.devic
     default = PATHS_BY_KEY["bf16_cl"]
     conv_only = ConvolutionOnlyModel(TrainingStep(resolution, default, device), data[:batch])
     conv_fp32 = ConvolutionOnlyModel(TrainingStep(resolution, FLOAT32, device), data[:batch])
-    log(f"  {resolution}^3 batch {batch}: {conv_only.num_convolutions} convolutions, {conv_only.flops / 1e9:.1f} GFLOP per step")
+    log(
+        f"  {resolution}^3 batch {batch}: {conv_only.num_convolutions} convolutions, {conv_only.flops / 1e9:.1f} GFLOP per step"
+    )
 
-    fns = {name: (lambda i, r=run: r.step(data[(i % (warmup + steps)) * batch:][:batch], seed=i + 1)) for name, run in runs.items()}
+    fns = {
+        name: (lambda i, r=run: r.step(data[(i % (warmup + steps)) * batch :][:batch], seed=i + 1))
+        for name, run in runs.items()
+    }
     fns["conv-only, bfloat16 channels-last"] = lambda i: conv_only.run()
     fns["conv-only, float32 contiguous"] = lambda i: conv_fp32.run()
     medians = _median_times(fns, steps, warmup, device)
@@ -232,7 +251,9 @@ def bench_training(resolution: int, steps: int, warmup: int, device: torch.devic
     rows = []
     for p in PATHS:
         t = medians[p.name]
-        conv_t = medians["conv-only, float32 contiguous"] if p == FLOAT32 else medians["conv-only, bfloat16 channels-last"]
+        conv_t = (
+            medians["conv-only, float32 contiguous"] if p == FLOAT32 else medians["conv-only, bfloat16 channels-last"]
+        )
         same_layout = p in (FLOAT32, default, PATHS_BY_KEY["bf16_cl_ckpt"])
         rows.append(
             {
@@ -240,7 +261,9 @@ def bench_training(resolution: int, steps: int, warmup: int, device: torch.devic
                 "step_s": t,
                 "volumes_per_s": batch / t,
                 "speedup_vs_float32": base / t,
-                "speedup_vs_reference": (batch / t) / REFERENCE_VOLUMES_PER_S[resolution] if resolution in REFERENCE_VOLUMES_PER_S else None,
+                "speedup_vs_reference": (batch / t) / REFERENCE_VOLUMES_PER_S[resolution]
+                if resolution in REFERENCE_VOLUMES_PER_S
+                else None,
                 "gflops": conv_only.flops / t / 1e9,
                 "fraction_of_conv_only": conv_t / t if same_layout else None,
                 "first_step_loss": first[p.name],
@@ -249,8 +272,22 @@ def bench_training(resolution: int, steps: int, warmup: int, device: torch.devic
             }
         )
     for key in ("conv-only, float32 contiguous", "conv-only, bfloat16 channels-last"):
-        rows.append({"path": key, "step_s": medians[key], "volumes_per_s": batch / medians[key], "gflops": conv_only.flops / medians[key] / 1e9})
-    return {"resolution": resolution, "batch_size": batch, "steps": steps, "warmup": warmup, "gflop_per_step": conv_only.flops / 1e9, "rows": rows}
+        rows.append(
+            {
+                "path": key,
+                "step_s": medians[key],
+                "volumes_per_s": batch / medians[key],
+                "gflops": conv_only.flops / medians[key] / 1e9,
+            }
+        )
+    return {
+        "resolution": resolution,
+        "batch_size": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "gflop_per_step": conv_only.flops / 1e9,
+        "rows": rows,
+    }
 
 
 def peak_resident_set_gb() -> float:
@@ -283,7 +320,14 @@ def peak_memory_of_training(resolution: int, path_key: str, device: str, steps: 
     else:
         peak = peak_resident_set_gb()
         kind = "peak resident set"
-    return {"resolution": resolution, "batch_size": TRAIN_BATCH[resolution], "path": path.name, "peak_gb": peak, "kind": kind, "step_s": seconds}
+    return {
+        "resolution": resolution,
+        "batch_size": TRAIN_BATCH[resolution],
+        "path": path.name,
+        "peak_gb": peak,
+        "kind": kind,
+        "step_s": seconds,
+    }
 
 
 def bench_memory(cases: list[tuple[int, str]], device: torch.device, log) -> list[dict]:
@@ -292,7 +336,14 @@ def bench_memory(cases: list[tuple[int, str]], device: torch.device, log) -> lis
         cmd = [sys.executable, "-m", "scripts.tools.benchmark", "memory_worker", str(resolution), key, str(device)]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:
-            rows.append({"resolution": resolution, "batch_size": TRAIN_BATCH[resolution], "path": PATHS_BY_KEY[key].name, "error": out.stderr.strip().splitlines()[-1]})
+            rows.append(
+                {
+                    "resolution": resolution,
+                    "batch_size": TRAIN_BATCH[resolution],
+                    "path": PATHS_BY_KEY[key].name,
+                    "error": out.stderr.strip().splitlines()[-1],
+                }
+            )
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         log(f"  memory {rows[-1]}")
@@ -343,7 +394,16 @@ def bench_allocator(cases: list[tuple[str, int]], rounds: int, repeats: int, log
         peaks: dict[str, list[float]] = {k: [] for k in ALLOCATOR_SETTINGS}
         for _ in range(rounds):
             for setting in ALLOCATOR_SETTINGS:
-                cmd = [sys.executable, "-m", "scripts.tools.benchmark", "allocator_worker", kind, str(resolution), setting, str(repeats)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "scripts.tools.benchmark",
+                    "allocator_worker",
+                    kind,
+                    str(resolution),
+                    setting,
+                    str(repeats),
+                ]
                 out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 times[setting] += result["times"]
@@ -435,95 +495,135 @@ def _fmt(v, digits=2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_markdown(results: dict, path: str) -> None:
+HEADER = [
+    "Training figures are medians of per-step times measured side by side in one process (the paths of a",
+    "configuration take turns step by step). `x float32` is the speed-up over this bundle's float32 contiguous",
+    "path; `x reference` over the reference code's own training loop on this machine kind (1.2 volumes/s at",
+    "32^3 batch 8, 0.084 at 64^3 batch 2: quoted from issue #5, not re-measured). GFLOP/s counts the",
+    "convolutions' multiply-adds x 2 (forward + both backward products) analytically; `of conv-only` is the",
+    "convolution-only model's step time divided by the path's (same convolutions, dtype and layout, run alone).",
+    "Every row runs with `configure_allocator(lean_memory=False)`, as train.json runs the default path;",
+    "train.json pairs activation checkpointing with `lean_memory=True`, whose cost shows in the memory",
+    "table's step time. Loss: the ELBO loss",
+    "(nats per volume) of every path's first step on the same batch from the same initial weights; held-out",
+    "bits/voxel: discretised negative ELBO of held-out volumes after all the timed steps, float32 evaluation.",
+    "",
+]
+
+
+def _training_section(t: dict) -> list[str]:
     lines = [
-        "# Performance",
+        f"## Training, reference {t['resolution']}^3 architecture, batch {t['batch_size']}",
         "",
-        f"Measured on {results['machine']}; torch {torch.__version__}; "
-        + "; ".join(f"{k}: {v}" for k, v in results.get("measured_by", {}).items() if k in results)
-        + ".",
-        "Training figures are medians of per-step times measured side by side in one process (the paths of a",
-        "configuration take turns step by step). `x float32` is the speed-up over this bundle's float32 contiguous",
-        "path; `x reference` over the reference code's own training loop on this machine kind (1.2 volumes/s at",
-        "32^3 batch 8, 0.084 at 64^3 batch 2: quoted from issue #5, not re-measured). GFLOP/s counts the",
-        "convolutions' multiply-adds x 2 (forward + both backward products) analytically; `of conv-only` is the",
-        "convolution-only model's step time divided by the path's (same convolutions, dtype and layout, run alone).",
-        "Every row runs with `configure_allocator(lean_memory=False)`, as train.json runs the default path;",
-        "train.json pairs activation checkpointing with `lean_memory=True`, whose cost shows in the memory",
-        "table's step time. Loss: the ELBO loss",
-        "(nats per volume) of every path's first step on the same batch from the same initial weights; held-out",
-        "bits/voxel: discretised negative ELBO of held-out volumes after all the timed steps, float32 evaluation.",
+        f"{t['gflop_per_step']:.1f} GFLOP of convolutions per step; {t['warmup']} warm-up steps, median of {t['steps']}.",
+        "",
+        "| path | s/step | volumes/s | x float32 | x reference | GFLOP/s | of conv-only "
+        "| first-step loss (rel. diff. to float32) | held-out bits/voxel after the run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in t["rows"]:
+        if "first_step_loss" in r:
+            loss = f"{r['first_step_loss']:.1f} ({r['first_step_loss_rel_diff']:.1e})"
+            lines.append(
+                f"| {r['path']} | {_fmt(r['step_s'])} | {_fmt(r['volumes_per_s'])} | {_fmt(r['speedup_vs_float32'])} | "
+                f"{_fmt(r['speedup_vs_reference'])} | {_fmt(r['gflops'], 0)} | {_fmt(r['fraction_of_conv_only'])} | "
+                f"{loss} | {_fmt(r['heldout_bits_per_voxel'], 3)} |"
+            )
+        else:
+            lines.append(
+                f"| {r['path']} | {_fmt(r['step_s'])} | {_fmt(r['volumes_per_s'])} | | | {_fmt(r['gflops'], 0)} | 1.00 | | |"
+            )
+    return lines + [""]
+
+
+def _memory_section(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Peak memory of training (two steps, a fresh process per row)",
+        "",
+        "Each row runs as train.json runs it: `configure_allocator(lean_memory=True)` with activation",
+        "checkpointing (glibc serves blocks >= 4 MiB by mmap), `lean_memory=False` without; `step s` is the",
+        "second step's time in that process.",
+        "",
+        "| resolution | batch | path | peak GB | measured as | step s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['resolution']}^3 | {r['batch_size']} | {r['path']} | failed: {r['error']} | | |")
+        else:
+            lines.append(
+                f"| {r['resolution']}^3 | {r['batch_size']} | {r['path']} | {r['peak_gb']:.2f} | {r['kind']} | {r['step_s']:.1f} |"
+            )
+    reference = "Reference code on this machine kind (issue #5): 5.4 GB at 32^3 batch 8, 8.9 GB at 64^3 batch 2, over 20 GB at 128^3 batch 1 (stopped)."
+    return lines + ["", reference, ""]
+
+
+def _sampling_section(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Sampling (bfloat16, channels-last, temperature 0.8)",
+        "",
+        "| resolution | batch | s per call | volumes/s |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['resolution']}^3 | {r['batch']} | {r['s_per_call']:.2f} | {r['volumes_per_s']:.2f} |" for r in rows
+    ]
+    for r in rows:
+        if "profile" in r:
+            lines += [
+                "",
+                f"Where the time of one {r['resolution']}^3 sample goes:",
+                "",
+                "```",
+                r["profile"].rstrip(),
+                "```",
+            ]
+    return lines + [""]
+
+
+def _allocator_section(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Allocator (glibc default against `configure_allocator(lean_memory=False)`)",
+        "",
+        "Fresh processes alternate between the two settings; bfloat16 channels-last; training steps of the",
+        "default path, or 1-volume samples; median over all timed repeats, largest peak resident set.",
+        "",
+        "| work | resolution | batch | allocator | s per step or sample | speed-up | peak GB | timed repeats |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'training step' if r['kind'] == 'train' else 'sample'} | {r['resolution']}^3 | {r['batch']} | {r['setting']} | "
+            f"{r['seconds']:.2f} | {r['speedup']:.2f} | {r['peak_gb']:.2f} | {r['n']} |"
+        )
+    return lines + [""]
+
+
+def _data_section(d: dict) -> list[str]:
+    return [
+        f"## Data loading (configs/train.json defaults: built-in data set, {d['resolution']}^3, batch {d['batch_size']})",
+        "",
+        f"num_workers={d['num_workers']}, cache={d['cache']!r}: {100 * d['wait_fraction']:.1f}% of step time waiting for data "
+        f"over {d['steps']} steps (median wait {d['median_wait_s']:.3f} s, median step {d['median_step_s']:.2f} s).",
         "",
     ]
+
+
+def write_markdown(results: dict, path: str) -> None:
+    """Writes ``docs/performance.md`` from the benchmark's ``results``: the header, then one section per part measured."""
+    measured = "; ".join(f"{k}: {v}" for k, v in results.get("measured_by", {}).items() if k in results)
+    lines = ["# Performance", "", f"Measured on {results['machine']}; torch {torch.__version__}; {measured}.", *HEADER]
     for t in results.get("train", []):
-        lines += [
-            f"## Training, reference {t['resolution']}^3 architecture, batch {t['batch_size']}",
-            "",
-            f"{t['gflop_per_step']:.1f} GFLOP of convolutions per step; {t['warmup']} warm-up steps, median of {t['steps']}.",
-            "",
-            "| path | s/step | volumes/s | x float32 | x reference | GFLOP/s | of conv-only | first-step loss (rel. diff. to float32) | held-out bits/voxel after the run |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in t["rows"]:
-            if "first_step_loss" in r:
-                loss = f"{r['first_step_loss']:.1f} ({r['first_step_loss_rel_diff']:.1e})"
-                lines.append(
-                    f"| {r['path']} | {_fmt(r['step_s'])} | {_fmt(r['volumes_per_s'])} | {_fmt(r['speedup_vs_float32'])} | "
-                    f"{_fmt(r['speedup_vs_reference'])} | {_fmt(r['gflops'], 0)} | {_fmt(r['fraction_of_conv_only'])} | {loss} | {_fmt(r['heldout_bits_per_voxel'], 3)} |"
-                )
-            else:
-                lines.append(f"| {r['path']} | {_fmt(r['step_s'])} | {_fmt(r['volumes_per_s'])} | | | {_fmt(r['gflops'], 0)} | 1.00 | | |")
-        lines.append("")
-    if results.get("memory"):
-        lines += [
-            "## Peak memory of training (two steps, a fresh process per row)",
-            "",
-            "Each row runs as train.json runs it: `configure_allocator(lean_memory=True)` with activation",
-            "checkpointing (glibc serves blocks >= 4 MiB by mmap), `lean_memory=False` without; `step s` is the",
-            "second step's time in that process.",
-            "",
-            "| resolution | batch | path | peak GB | measured as | step s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in results["memory"]:
-            if "error" in r:
-                lines.append(f"| {r['resolution']}^3 | {r['batch_size']} | {r['path']} | failed: {r['error']} | | |")
-            else:
-                lines.append(f"| {r['resolution']}^3 | {r['batch_size']} | {r['path']} | {r['peak_gb']:.2f} | {r['kind']} | {r['step_s']:.1f} |")
-        lines += ["", "Reference code on this machine kind (issue #5): 5.4 GB at 32^3 batch 8, 8.9 GB at 64^3 batch 2, over 20 GB at 128^3 batch 1 (stopped).", ""]
-    if results.get("sampling"):
-        lines += ["## Sampling (bfloat16, channels-last, temperature 0.8)", "", "| resolution | batch | s per call | volumes/s |", "|---|---|---|---|"]
-        for r in results["sampling"]:
-            lines.append(f"| {r['resolution']}^3 | {r['batch']} | {r['s_per_call']:.2f} | {r['volumes_per_s']:.2f} |")
-        for r in results["sampling"]:
-            if "profile" in r:
-                lines += ["", f"Where the time of one {r['resolution']}^3 sample goes:", "", "```", r["profile"].rstrip(), "```"]
-        lines.append("")
-    if results.get("allocator"):
-        lines += [
-            "## Allocator (glibc default against `configure_allocator(lean_memory=False)`)",
-            "",
-            "Fresh processes alternate between the two settings; bfloat16 channels-last; training steps of the",
-            "default path, or 1-volume samples; median over all timed repeats, largest peak resident set.",
-            "",
-            "| work | resolution | batch | allocator | s per step or sample | speed-up | peak GB | timed repeats |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in results["allocator"]:
-            lines.append(
-                f"| {'training step' if r['kind'] == 'train' else 'sample'} | {r['resolution']}^3 | {r['batch']} | {r['setting']} | "
-                f"{r['seconds']:.2f} | {r['speedup']:.2f} | {r['peak_gb']:.2f} | {r['n']} |"
-            )
-        lines.append("")
-    if results.get("data"):
-        d = results["data"]
-        lines += [
-            f"## Data loading (configs/train.json defaults: built-in data set, {d['resolution']}^3, batch {d['batch_size']})",
-            "",
-            f"num_workers={d['num_workers']}, cache={d['cache']!r}: {100 * d['wait_fraction']:.1f}% of step time waiting for data "
-            f"over {d['steps']} steps (median wait {d['median_wait_s']:.3f} s, median step {d['median_step_s']:.2f} s).",
-            "",
-        ]
+        lines += _training_section(t)
+    sections = {
+        "memory": _memory_section,
+        "sampling": _sampling_section,
+        "allocator": _allocator_section,
+        "data": _data_section,
+    }
+    for key, section in sections.items():
+        if results.get(key):
+            lines += section(results[key])
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -553,7 +653,11 @@ def main(
         resolutions, steps, warmup = [32], 3, 1
     dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     configure_allocator(lean_memory=False)  # as train.json (without activation checkpointing) and inference.json
-    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    machine = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    )
     results: dict = {
         "command": " ".join(["python -m scripts.tools.benchmark", *sys.argv[1:]]),
         "machine": machine,

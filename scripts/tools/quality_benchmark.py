@@ -36,9 +36,9 @@ import fire
 import numpy as np
 import torch
 
-from scripts.tools.check_samples import dice
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
+from scripts.tools.check_samples import dice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = "configs/train.json"
@@ -47,7 +47,12 @@ VQ_STAGE2 = ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_pr
 FOREGROUND = -0.8  # the built-in cohort's background is about -0.92
 
 # named recipes: overrides of configs/train.json ("default" is train.json itself)
-REFERENCE_RECIPE = {"augment": True, "full_resolution_residual": False, "gradient_skip_factor": 0.0, "latent_prior_resolution": 0}
+REFERENCE_RECIPE = {
+    "augment": True,
+    "full_resolution_residual": False,
+    "gradient_skip_factor": 0.0,
+    "latent_prior_resolution": 0,
+}
 RECIPES: dict[str, dict] = {
     "default": {},
     "reference": REFERENCE_RECIPE,  # the reference's recipe (as the presets set it)
@@ -74,7 +79,9 @@ def train_run(spec: str) -> None:
     workflow.initialize()
     parser = workflow.parser
     ema = parser.get_parsed_content("ema") if "ema" in parser else None
-    WallClockSnapshots(run["times_s"], run["folder"], parser.get_parsed_content("network"), ema).attach(parser.get_parsed_content("train#trainer"))
+    WallClockSnapshots(run["times_s"], run["folder"], parser.get_parsed_content("network"), ema).attach(
+        parser.get_parsed_content("train#trainer")
+    )
     workflow.run()
     workflow.finalize()
 
@@ -83,7 +90,9 @@ def _launch(config_files: list[str], overrides: dict, times: list[float], folder
     os.makedirs(folder, exist_ok=True)
     spec = os.path.join(folder, "spec.json")
     with open(spec, "w") as f:
-        json.dump({"config_files": config_files, "overrides": overrides, "times_s": times, "folder": folder}, f, indent=1)
+        json.dump(
+            {"config_files": config_files, "overrides": overrides, "times_s": times, "folder": folder}, f, indent=1
+        )
     cmd = [sys.executable, "-m", "scripts.tools.quality_benchmark", "train_run", "--spec", spec]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -143,7 +152,16 @@ def _samples(generator, n: int, temperature: float, seed: int) -> torch.Tensor:
         return torch.cat([generator.sample(min(8, n - i), temperature) for i in range(0, n, 8)]).float()
 
 
-def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, num_samples: int, seed: int, latent_prior_resolutions=()) -> list[dict]:
+def measure_vdvae(
+    parser,
+    ref: Reference,
+    snapshot: dict,
+    modes,
+    temperatures,
+    num_samples: int,
+    seed: int,
+    latent_prior_resolutions=(),
+) -> list[dict]:
     """Rows per weights (raw, EMA), sampler (the learned priors in each temperature mode; the post-hoc latent prior
     of the groups <= r^3 for each r of ``latent_prior_resolutions``, finer groups from the learned priors in the
     first mode) and temperature."""
@@ -163,18 +181,36 @@ def measure_vdvae(parser, ref: Reference, snapshot: dict, modes, temperatures, n
                 elbo = float(torch.cat([net.elbo(b)["neg_elbo_nats"] for b in ref.heldout.split(5)]).mean())
             samplers = [("learned priors", net)]
             if m_i == 0:
-                samplers += [(f"post-hoc prior <= {r}^3", PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, ref.train, r))) for r in latent_prior_resolutions]
+                samplers += [
+                    (f"post-hoc prior <= {r}^3", PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, ref.train, r)))
+                    for r in latent_prior_resolutions
+                ]
             for name, generator in samplers:
                 for t in temperatures:
                     figures = ref.figures(_samples(generator, num_samples, t, seed))
-                    rows.append({"weights": weights, "sampler": name, "temperature_mode": mode, "temperature": t, "heldout_neg_elbo_nats": elbo, **figures})
+                    rows.append(
+                        {
+                            "weights": weights,
+                            "sampler": name,
+                            "temperature_mode": mode,
+                            "temperature": t,
+                            "heldout_neg_elbo_nats": elbo,
+                            **figures,
+                        }
+                    )
     return rows
 
 
 def measure_vq(generator, ref: Reference, temperatures, num_samples: int, seed: int) -> list[dict]:
     return [
-        {"weights": "network", "sampler": "autoregressive prior", "temperature_mode": "-", "temperature": t, "heldout_neg_elbo_nats": None,
-         **ref.figures(_samples(generator, num_samples, t, seed))}
+        {
+            "weights": "network",
+            "sampler": "autoregressive prior",
+            "temperature_mode": "-",
+            "temperature": t,
+            "heldout_neg_elbo_nats": None,
+            **ref.figures(_samples(generator, num_samples, t, seed)),
+        }
         for t in temperatures
     ]
 
@@ -198,7 +234,8 @@ def write_report(results: dict, output: str, figure: str) -> None:
         "",
         f"![curves]({os.path.relpath(figure, os.path.dirname(output))})",
         "",
-        "| family / recipe | weights | sampler | T mode | T | time (s) | updates | skipped | held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
+        "| family / recipe | weights | sampler | T mode | T | time (s) | updates | skipped "
+        "| held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({_series(r) + (r["point"],) for r in rows}, key=str)
@@ -214,7 +251,8 @@ def write_report(results: dict, output: str, figure: str) -> None:
 
         lines.append(
             f"| {recipe} | {weights} | {sampler} | {mode} | {t:g} | {agg('time_s', 3)} | {agg('iteration')} | {agg('skipped_fraction', 2)} | "
-            f"{agg('heldout_neg_elbo_nats')} | {agg('frechet_distance')} | {agg('ms_ssim')} | {agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} |"
+            f"{agg('heldout_neg_elbo_nats')} | {agg('frechet_distance')} | {agg('ms_ssim')} | "
+            f"{agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} |"
         )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
@@ -232,14 +270,39 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     temperature mode, seed means; dashed: the held-out volumes. The table has every temperature and mode."""
     from PIL import Image, ImageDraw
 
-    metrics = ["frechet_distance", "ms_ssim", "nearest_train_rmse_median", "dice_vs_cohort_mask", "heldout_neg_elbo_nats"]
-    t_plot = max(r["temperature"] for r in rows if r["family"] == "vdvae") if any(r["family"] == "vdvae" for r in rows) else None
+    metrics = [
+        "frechet_distance",
+        "ms_ssim",
+        "nearest_train_rmse_median",
+        "dice_vs_cohort_mask",
+        "heldout_neg_elbo_nats",
+    ]
+    t_plot = (
+        max(r["temperature"] for r in rows if r["family"] == "vdvae")
+        if any(r["family"] == "vdvae" for r in rows)
+        else None
+    )
     first_mode = next((r["temperature_mode"] for r in rows if r["family"] == "vdvae"), None)
-    shown = [r for r in rows if r["family"] != "vdvae" or (r["temperature"] == t_plot and r["temperature_mode"] == first_mode)]
+    shown = [
+        r
+        for r in rows
+        if r["family"] != "vdvae" or (r["temperature"] == t_plot and r["temperature_mode"] == first_mode)
+    ]
     series: dict[tuple, dict[float, list[dict]]] = {}
     for r in shown:
         series.setdefault(_series(r), {}).setdefault(r["point"], []).append(r)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    colours = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ]
     pw, ph, margin = 360, 240, 50
     legend_h = 16 * len(series) + 10
     img = Image.new("RGB", (len(metrics) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
@@ -247,7 +310,9 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     tmax = max(r["time_s"] for r in shown) or 1.0
     for m_i, metric in enumerate(metrics):
         x0, y0 = margin + m_i * (pw + margin), margin
-        values = [r[metric] for r in shown if r.get(metric) is not None] + ([real[metric]] if real.get(metric) is not None else [])
+        values = [r[metric] for r in shown if r.get(metric) is not None] + (
+            [real[metric]] if real.get(metric) is not None else []
+        )
         if not values:
             continue
         log = metric == "frechet_distance" and min(values) > 0
@@ -267,7 +332,11 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
             for x in range(int(x0), int(x0 + pw), 8):
                 draw.line([x, y, x + 4, y], fill=(90, 90, 90))
         for s_i, (key, points) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
-            pts = sorted((float(np.mean([r["time_s"] for r in rs])), float(np.mean([r[metric] for r in rs]))) for rs in points.values() if all(r.get(metric) is not None for r in rs))
+            pts = sorted(
+                (float(np.mean([r["time_s"] for r in rs])), float(np.mean([r[metric] for r in rs])))
+                for rs in points.values()
+                if all(r.get(metric) is not None for r in rs)
+            )
             xy = [(fx(t), fy(v)) for t, v in pts]
             colour = colours[s_i % len(colours)]
             if len(xy) > 1:
@@ -277,7 +346,9 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     for s_i, key in enumerate(sorted(series, key=str)):
         y = ph + 2 * margin + 16 * s_i
         draw.rectangle([margin, y + 4, margin + 20, y + 8], fill=colours[s_i % len(colours)])
-        draw.text((margin + 28, y), f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", fill="black")
+        draw.text(
+            (margin + 28, y), f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", fill="black"
+        )
     draw.text((margin + 600, ph + 2 * margin), "dashed: held-out volumes", fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
@@ -314,7 +385,11 @@ def main(
     measured now are kept in the report, so that recipes can be added one invocation at a time."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     as_list = lambda v: [v] if isinstance(v, (int, float, str)) else list(v)  # noqa: E731
-    recipes, seeds, temperatures = as_list(recipes), [int(s) for s in as_list(seeds)], [float(t) for t in as_list(temperatures)]
+    recipes, seeds, temperatures = (
+        as_list(recipes),
+        [int(s) for s in as_list(seeds)],
+        [float(t) for t in as_list(temperatures)],
+    )
     modes, vq_temperatures = as_list(temperature_modes), [float(t) for t in as_list(vq_temperatures)]
     lp_res = [int(r) for r in as_list(latent_prior_resolutions)]
     known = {**RECIPES, **(extra_recipes or {})}
@@ -330,18 +405,29 @@ def main(
     if keep_rows_from:
         with open(keep_rows_from) as f:
             earlier = json.load(f)
-        measured_now = {("vq", "VQ-VAE + autoregressive", s) for s in (seeds if vq_seeds is None else as_list(vq_seeds)) if vq}
+        measured_now = {
+            ("vq", "VQ-VAE + autoregressive", s) for s in (seeds if vq_seeds is None else as_list(vq_seeds)) if vq
+        }
         measured_now |= {("vdvae", r, s) for r in recipes for s in seeds}
         rows = [r for r in earlier["rows"] if (r["family"], r["recipe"], r["seed"]) not in measured_now]
         reals = list(earlier["real_per_seed"])
         command = f"{earlier['command']}`, then `{command}"
     for seed in (seeds if vq_seeds is None else [int(s) for s in as_list(vq_seeds)]) if vq else []:
-        rows += run_vq(seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {})
+        rows += run_vq(
+            seed, times, budget_s * vq_stage1_fraction, work_dir, vq_temperatures, vq_num_samples, vq_overrides or {}
+        )
     for recipe in recipes:  # recipe by recipe, so that an interrupted benchmark has whole recipes
         for seed in seeds:
             run = os.path.join(work_dir, recipe, f"seed{seed}")
-            run_overrides = {**(overrides or {}), **known[recipe], "output_dir": run, "model_path": os.path.join(run, "model.pt"), "seed": seed,
-                             "max_epochs": 100000, "resume": False}
+            run_overrides = {
+                **(overrides or {}),
+                **known[recipe],
+                "output_dir": run,
+                "model_path": os.path.join(run, "model.pt"),
+                "seed": seed,
+                "max_epochs": 100000,
+                "resume": False,
+            }
             if not _have_snapshots(os.path.join(run, "snapshots"), times, run_overrides):
                 logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
                 _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
@@ -351,23 +437,41 @@ def main(
             for i, t in enumerate(times):
                 snap = torch.load(os.path.join(run, "snapshots", f"snapshot_{t:g}s.pt"), weights_only=False)
                 logger.info(f"measuring {recipe}, seed {seed}, {snap['elapsed_s']:.0f} s")
-                common = {"family": "vdvae", "recipe": recipe, "seed": seed, "point": i, "time_s": snap["elapsed_s"], "iteration": snap["iteration"],
-                          "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"])}
-                rows += [{**common, **r} for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed, lp_res)]
-            _report(rows, reals, budget_s, num_samples, output, figure, command)  # after every run: nothing measured is lost
+                common = {
+                    "family": "vdvae",
+                    "recipe": recipe,
+                    "seed": seed,
+                    "point": i,
+                    "time_s": snap["elapsed_s"],
+                    "iteration": snap["iteration"],
+                    "skipped_fraction": snap["skipped_updates"] / max(1, snap["iteration"]),
+                }
+                rows += [
+                    {**common, **r}
+                    for r in measure_vdvae(parser, ref, snap, modes, temperatures, num_samples, seed, lp_res)
+                ]
+            _report(
+                rows, reals, budget_s, num_samples, output, figure, command
+            )  # after every run: nothing measured is lost
     results = _report(rows, reals, budget_s, num_samples, output, figure, command)
     logger.info(f"wrote {output} and {figure}")
     return results
 
 
 def samples(
-    recipe: str, seed: int = 0, time_s: float = 660.0, latent_prior_resolution: int = 0, temperature: float = 1.0, n: int = 4,
-    work_dir: str = "runs/quality", output: str = "docs/images/quality_samples.png",
+    recipe: str,
+    seed: int = 0,
+    time_s: float = 660.0,
+    latent_prior_resolution: int = 0,
+    temperature: float = 1.0,
+    n: int = 4,
+    work_dir: str = "runs/quality",
+    output: str = "docs/images/quality_samples.png",
 ) -> str:
     """A montage of ``n`` samples of a benchmark snapshot (top rows) above ``n`` held-out volumes (bottom rows), with the
     post-hoc prior of the groups <= ``latent_prior_resolution``^3 when > 0."""
-    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
     from scripts.engine.visualisation import montage, save_png
+    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
 
     run = os.path.join(os.path.abspath(work_dir), recipe, f"seed{seed}")
     with open(os.path.join(run, "snapshots", "spec.json")) as f:
@@ -375,13 +479,21 @@ def samples(
     parser = _parser([TRAIN], overrides)
     ref = Reference(parser)
     net = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
-    net.load_state_dict(torch.load(os.path.join(run, "snapshots", f"snapshot_{time_s:g}s.pt"), weights_only=False)["network"])
-    generator = PosthocPriorVDVAE(net.eval(), LatentPCAPrior.fit(net, ref.train, latent_prior_resolution)) if latent_prior_resolution else net.eval()
+    net.load_state_dict(
+        torch.load(os.path.join(run, "snapshots", f"snapshot_{time_s:g}s.pt"), weights_only=False)["network"]
+    )
+    generator = (
+        PosthocPriorVDVAE(net.eval(), LatentPCAPrior.fit(net, ref.train, latent_prior_resolution))
+        if latent_prior_resolution
+        else net.eval()
+    )
     shown = torch.cat([_samples(generator, n, temperature, seed), ref.heldout[:n]])
     return save_png(montage(shown), output, upscale=3)
 
 
-def report(results: str = "docs/quality.json", output: str | None = None, figure: str = "docs/images/quality_over_time.png") -> None:
+def report(
+    results: str = "docs/quality.json", output: str | None = None, figure: str = "docs/images/quality_over_time.png"
+) -> None:
     """Rewrites the Markdown table and the figure from a results file of :func:`main`."""
     with open(results) as f:
         data = json.load(f)
@@ -399,7 +511,9 @@ def _have_snapshots(folder: str, times: list[float], overrides: dict) -> bool:
     return same and all(os.path.isfile(os.path.join(folder, f"snapshot_{t:g}s.pt")) for t in times)
 
 
-def _report(rows: list[dict], reals: list[dict], budget_s: float, num_samples: int, output: str, figure: str, command: str) -> dict:
+def _report(
+    rows: list[dict], reals: list[dict], budget_s: float, num_samples: int, output: str, figure: str, command: str
+) -> dict:
     real = {k: float(np.mean([r[k] for r in reals])) for k in reals[0]} if reals else {}
     results = {
         "command": command,
@@ -418,21 +532,39 @@ def _report(rows: list[dict], reals: list[dict], budget_s: float, num_samples: i
 
 
 def run_vq(
-    seed: int, times: list[float], stage1_s: float, work_dir: str, temperatures: list[float], num_samples: int, overrides: dict
+    seed: int,
+    times: list[float],
+    stage1_s: float,
+    work_dir: str,
+    temperatures: list[float],
+    num_samples: int,
+    overrides: dict,
 ) -> list[dict]:
     """Stage 1 for ``stage1_s``, then the autoregressive prior with snapshots at the time points after it."""
     from scripts.engine.sampling import load_weights
     from scripts.vq.networks import VQGenerator
 
     run = os.path.join(work_dir, "vq", f"seed{seed}")
-    stage1 = {**overrides, "output_dir": run, "vqvae_path": os.path.join(run, "vqvae.pt"), "seed": seed, "max_epochs": 100000, "resume": False}
+    stage1 = {
+        **overrides,
+        "output_dir": run,
+        "vqvae_path": os.path.join(run, "vqvae.pt"),
+        "seed": seed,
+        "max_epochs": 100000,
+        "resume": False,
+    }
     if not _have_snapshots(os.path.join(run, "stage1"), [stage1_s], stage1):
         logger.info(f"training the VQ-VAE, seed {seed}, {stage1_s:.0f} s")
         _launch(VQ_STAGE1, stage1, [stage1_s], os.path.join(run, "stage1"), os.path.join(run, "stage1.log"))
     later = [t - stage1_s for t in times if t > stage1_s]
     if not later:
         return []
-    stage2 = {**stage1, "vqvae_dir": run, "output_dir": os.path.join(run, "prior"), "model_path": os.path.join(run, "prior.pt")}
+    stage2 = {
+        **stage1,
+        "vqvae_dir": run,
+        "output_dir": os.path.join(run, "prior"),
+        "model_path": os.path.join(run, "prior.pt"),
+    }
     if not _have_snapshots(os.path.join(run, "stage2"), later, stage2):
         logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
         _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))
@@ -448,8 +580,15 @@ def run_vq(
         prior.load_state_dict(snap["network"])
         generator = VQGenerator(vqvae, prior.eval()).eval()
         logger.info(f"measuring the VQ family, seed {seed}, {t:.0f} s")
-        common = {"family": "vq", "recipe": "VQ-VAE + autoregressive", "seed": seed, "point": i, "time_s": stage1_s + snap["elapsed_s"],
-                  "iteration": snap["iteration"], "skipped_fraction": None}
+        common = {
+            "family": "vq",
+            "recipe": "VQ-VAE + autoregressive",
+            "seed": seed,
+            "point": i,
+            "time_s": stage1_s + snap["elapsed_s"],
+            "iteration": snap["iteration"],
+            "skipped_fraction": None,
+        }
         rows += [{**common, **r} for r in measure_vq(generator, ref, temperatures, num_samples, seed)]
     return rows
 
@@ -457,9 +596,13 @@ def run_vq(
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train_run"]:  # one training run, launched by main()
         fire.Fire(train_run, command=sys.argv[2:])
-    elif sys.argv[1:2] == ["samples"]:  # a montage of a snapshot's samples: samples --recipe ours --latent_prior_resolution 8
+    elif sys.argv[1:2] == [
+        "samples"
+    ]:  # a montage of a snapshot's samples: samples --recipe ours --latent_prior_resolution 8
         fire.Fire(samples, command=sys.argv[2:])
-    elif sys.argv[1:2] == ["report"]:  # redraw the table and figure from a results file: report --results docs/quality.json
+    elif sys.argv[1:2] == [
+        "report"
+    ]:  # redraw the table and figure from a results file: report --results docs/quality.json
         fire.Fire(report, command=sys.argv[2:])
     else:
         fire.Fire(main)

@@ -10,7 +10,6 @@ Gaussian to the posterior means of the groups at resolutions <= ``down_to_resolu
 from __future__ import annotations
 
 import copy
-from typing import List
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ class LatentPCAPrior(nn.Module):
         basis: (k, D).
     """
 
-    def __init__(self, shapes: List[List[int]], mean: torch.Tensor, basis: torch.Tensor) -> None:
+    def __init__(self, shapes: list[list[int]], mean: torch.Tensor, basis: torch.Tensor) -> None:
         super().__init__()
         sizes = [int(torch.tensor(s).prod()) for s in shapes]
         if mean.shape != (sum(sizes),) or basis.dim() != 2 or basis.shape[1] != mean.shape[0]:
@@ -42,18 +41,24 @@ class LatentPCAPrior(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, vae: VDVAE, volumes: torch.Tensor, down_to_resolution: int, rank: int | None = None, batch_size: int = 8) -> "LatentPCAPrior":
+    def fit(
+        cls, vae: VDVAE, volumes: torch.Tensor, down_to_resolution: int, rank: int | None = None, batch_size: int = 8
+    ) -> LatentPCAPrior:
         """Fits to the posterior means of the groups at resolutions <= ``down_to_resolution`` of ``volumes``
         (N, C, R, R, R); ``rank`` defaults to N - 1 (every direction the data span)."""
         groups = sum(1 for r in vae.group_resolutions() if r <= down_to_resolution)
         if groups < 1:
-            raise ValueError(f"down_to_resolution {down_to_resolution} holds no latent group (group resolutions {vae.group_resolutions()})")
+            raise ValueError(
+                f"down_to_resolution {down_to_resolution} holds no latent group (group resolutions {vae.group_resolutions()})"
+            )
         if len(volumes) < 2:
             raise ValueError(f"fitting the latent prior needs at least 2 volumes, got {len(volumes)}")
         vae.eval()
         rows = []
         for x in volumes.split(batch_size):
-            _, _, _, zs = vae.decode_latents(vae.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False)
+            _, _, _, zs = vae.decode_latents(
+                vae.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False
+            )
             rows.append(torch.cat([z.float().flatten(1) for z in zs[:groups]], dim=1))
         shapes = [list(z.shape[1:]) for z in zs[:groups]]
         data = torch.cat(rows)
@@ -63,7 +68,7 @@ class LatentPCAPrior(nn.Module):
         basis = (s[:k] / (len(data) - 1) ** 0.5)[:, None] * vt[:k]
         return cls(shapes, mean, basis)
 
-    def sample_latents(self, n: int, temperature: float = 1.0) -> List[torch.Tensor]:
+    def sample_latents(self, n: int, temperature: float = 1.0) -> list[torch.Tensor]:
         """``n`` draws, split into the groups' latents [(n, Z, r, r, r)], top first."""
         coeffs = torch.randn(n, self.basis.shape[0], device=self.basis.device) * temperature
         flat = self.mean + coeffs @ self.basis
@@ -109,12 +114,17 @@ def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"shapes": prior.shapes, "mean": prior.mean, "basis": prior.basis, "down_to_resolution": down_to_resolution}, tmp)
+    torch.save(
+        {"shapes": prior.shapes, "mean": prior.mean, "basis": prior.basis, "down_to_resolution": down_to_resolution},
+        tmp,
+    )
     os.replace(tmp, path)
     return path
 
 
-def fit_after_training(network_def: VDVAE, model_path: str, train_files, preprocessing, down_to_resolution: int) -> str | None:
+def fit_after_training(
+    network_def: VDVAE, model_path: str, train_files, preprocessing, down_to_resolution: int
+) -> str | None:
     """Run at the end of train.json when ``latent_prior_resolution`` > 0: fits the post-hoc prior of the groups
     <= ``down_to_resolution``^3 of the best weights (``model_path``) to the training volumes and writes it next to
     them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
@@ -126,11 +136,15 @@ def fit_after_training(network_def: VDVAE, model_path: str, train_files, preproc
 
     if down_to_resolution <= 0 or not is_main_process():
         return None
-    vae = load_weights(copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu")  # not the training instance
+    vae = load_weights(
+        copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu"
+    )  # not the training instance
     volumes = preprocess_volumes(train_files, preprocessing)
     prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
     path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution)
-    logging.getLogger(__name__).info(f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): {path}")
+    logging.getLogger(__name__).info(
+        f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): {path}"
+    )
     return path
 
 
@@ -144,7 +158,11 @@ def with_latent_prior(vae: VDVAE, model_path: str, use: bool = True) -> nn.Modul
         return vae
     state = torch.load(path, map_location=vae.output_head.conv.weight.device, weights_only=True)
     prior = LatentPCAPrior(state["shapes"], state["mean"], state["basis"])
-    expected = [[b.latent_channels, r, r, r] for b, r in zip(vae.decoder_blocks, vae.group_resolutions())][: len(prior.shapes)]
+    expected = [[b.latent_channels, r, r, r] for b, r in zip(vae.decoder_blocks, vae.group_resolutions())][
+        : len(prior.shapes)
+    ]
     if prior.shapes != expected:
-        raise ValueError(f"{path} was fitted to latents of shapes {prior.shapes}, but the network's top groups have {expected}: refit it")
+        raise ValueError(
+            f"{path} was fitted to latents of shapes {prior.shapes}, but the network's top groups have {expected}: refit it"
+        )
     return PosthocPriorVDVAE(vae, prior)

@@ -53,7 +53,9 @@ def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, scale: torch.T
         return -log_p.flatten(1).sum(1).float()
 
 
-def negative_elbo_terms(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+def negative_elbo_terms(
+    x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, kl: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-volume figures (each (B,)): ``neg_elbo_nats`` and ``neg_elbo_bits`` (per voxel, see module doc),
     ``nll`` and ``kl`` (nats per volume), and ``kl_per_group`` (B, G) in nats per volume."""
     voxels = x[0].numel()
@@ -103,7 +105,9 @@ class ELBOLoss(nn.Module):
         self.beta = float(beta)
         self.kl_warmup_steps = int(kl_warmup_steps)
         self.free_bits = float(free_bits)
-        self._weights = [p for n, p in network.named_parameters() if n.endswith("weight")] if network is not None else []
+        self._weights = (
+            [p for n, p in network.named_parameters() if n.endswith("weight")] if network is not None else []
+        )
         if latent_dims_per_group is None and network is not None and hasattr(network, "latent_dims_per_group"):
             latent_dims_per_group = network.latent_dims_per_group()
         self.latent_dims = list(latent_dims_per_group) if latent_dims_per_group is not None else None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +56,18 @@ TEMPERATURE_MODES = ("latent", "std")
 
 
 def gaussian_kl(
-    mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor, variance_floor: float = PRIOR_VARIANCE_FLOOR
+    mu_q: torch.Tensor,
+    scale_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    scale_p: torch.Tensor,
+    variance_floor: float = PRIOR_VARIANCE_FLOOR,
 ) -> torch.Tensor:
     """Elementwise KL(N(mu_q, scale_q^2) || N(mu_p, scale_p^2)) with the reference's floor on the prior variance:
     ((scale_q^2 + (mu_q - mu_p)^2) / max(scale_p^2, 1e-5) - 1) / 2 + log scale_p - log scale_q."""
     var_p = torch.clamp(scale_p * scale_p, min=variance_floor)
-    return 0.5 * ((scale_q * scale_q + (mu_q - mu_p) ** 2) / var_p - 1.0 + 2.0 * torch.log(scale_p) - 2.0 * torch.log(scale_q))
+    return 0.5 * (
+        (scale_q * scale_q + (mu_q - mu_p) ** 2) / var_p - 1.0 + 2.0 * torch.log(scale_p) - 2.0 * torch.log(scale_q)
+    )
 
 
 class GaussianKLPerVolume(torch.autograd.Function):
@@ -77,7 +82,7 @@ class GaussianKLPerVolume(torch.autograd.Function):
     """
 
     @staticmethod
-    def _terms(mu_q, scale_q, mu_p, scale_p) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _terms(mu_q, scale_q, mu_p, scale_p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """float32 (1 / v, A / v, diff = mu_q - mu_p, scale_q) for the KL and its gradients."""
         sq = scale_q.to(torch.float32, copy=True)
         inv_v = scale_p.float().square().clamp_(min=PRIOR_VARIANCE_FLOOR).reciprocal_()
@@ -86,7 +91,9 @@ class GaussianKLPerVolume(torch.autograd.Function):
         return inv_v, a_over_v, diff, sq
 
     @staticmethod
-    def forward(ctx, mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(mu_q, scale_q, mu_p, scale_p)
         # the reference's order of operations, so that float32 results agree to the last bits even where the
         # terms cancel (KL << 1 per dimension): ((var_q + diff^2) / v - 1 + 2 log sp) - 2 log sq
@@ -108,10 +115,17 @@ class GaussianKLPerVolume(torch.autograd.Function):
         grad_scale_p = a_over_v.mul_(inv_v).mul_(sp).masked_fill_(floored, 0.0).neg_().add_(sp.reciprocal()).mul_(g)
         grad_scale_q = sq.mul(inv_v).sub_(sq.reciprocal()).mul_(g)
         grad_mu_q = diff.mul_(inv_v).mul_(g)
-        return grad_mu_q.to(mu_q.dtype), grad_scale_q.to(scale_q.dtype), grad_mu_q.neg().to(mu_p.dtype), grad_scale_p.to(scale_p.dtype)
+        return (
+            grad_mu_q.to(mu_q.dtype),
+            grad_scale_q.to(scale_q.dtype),
+            grad_mu_q.neg().to(mu_p.dtype),
+            grad_scale_p.to(scale_p.dtype),
+        )
 
 
-def gaussian_kl_per_volume(mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor) -> torch.Tensor:
+def gaussian_kl_per_volume(
+    mu_q: torch.Tensor, scale_q: torch.Tensor, mu_p: torch.Tensor, scale_p: torch.Tensor
+) -> torch.Tensor:
     """KL(q || p) summed per volume (B,), float32; memory-lean autograd outside TorchScript."""
     if torch.jit.is_scripting():
         return gaussian_kl(mu_q.float(), scale_q.float(), mu_p.float(), scale_p.float()).sum(dim=(1, 2, 3, 4))
@@ -131,7 +145,9 @@ def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
     return noise
 
 
-def _draw(mu: torch.Tensor, scale: torch.Tensor, sample: bool, temperature: float, temperature_mode: str) -> torch.Tensor:
+def _draw(
+    mu: torch.Tensor, scale: torch.Tensor, sample: bool, temperature: float, temperature_mode: str
+) -> torch.Tensor:
     """A latent from N(mu, scale^2) in float32: mu + scale * eps (temperature 1), tempered as ``temperature_mode``
     says; ``sample=False`` gives the (tempered) mean."""
     if temperature_mode == "std":
@@ -197,12 +213,18 @@ class ResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, hidden_channels: int, out_channels: int, kernel_size: int, residual: bool = True, last_scale: float = 1.0
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        residual: bool = True,
+        last_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.stack = ConvStack(in_channels, hidden_channels, kernel_size)
         self.out = nn.Conv3d(hidden_channels, out_channels, 1)
-        self.skip: Optional[nn.Module] = None
+        self.skip: nn.Module | None = None
         if residual:
             self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
         _scale_weight(self.out, last_scale)
@@ -224,7 +246,7 @@ class ResBlock(nn.Module):
 class _LatentBlock(nn.Module):
     """What both kinds of latent group share: scale parameterisation, temperature mode and checkpointing."""
 
-    def __init__(self, latent_channels: int, scale_bounds: Tuple[float, float], temperature_mode: str) -> None:
+    def __init__(self, latent_channels: int, scale_bounds: tuple[float, float], temperature_mode: str) -> None:
         super().__init__()
         self.latent_channels = latent_channels
         self.scale_lo, self.scale_hi = float(scale_bounds[0]), float(scale_bounds[1])
@@ -241,20 +263,28 @@ class _LatentBlock(nn.Module):
         use_posterior: bool = True,
         sample: bool = True,
         temperature: float = 1.0,
-        z_given: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_given: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (new h (B, C_out, d, h, w), KL of this group per volume (B,), float32, zeros when the posterior
         is not used, and the latent z (B, Z, d, h, w), float32). Without the posterior, ``z_given`` (when given)
         replaces the prior draw. With ``activation_checkpointing`` in training, the block's activations are
         recomputed in the backward pass (same noise: the RNG state is restored) instead of being stored."""
         if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(self._forward, h, lateral, use_posterior, sample, temperature, z_given, use_reentrant=False)
+                return checkpoint(
+                    self._forward, h, lateral, use_posterior, sample, temperature, z_given, use_reentrant=False
+                )
         return self._forward(h, lateral, use_posterior, sample, temperature, z_given)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        h: torch.Tensor,
+        lateral: torch.Tensor,
+        use_posterior: bool,
+        sample: bool,
+        temperature: float,
+        z_given: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -263,8 +293,14 @@ class TopLatentBlock(_LatentBlock):
     its output conv_z(z) (B, C_out, 1, 1, 1) starts the decoder state (``h`` is only read for its shape)."""
 
     def __init__(
-        self, encoder_channels: int, hidden_channels: int, latent_channels: int, out_channels: int, kernel_size: int,
-        scale_bounds: Tuple[float, float], temperature_mode: str,
+        self,
+        encoder_channels: int,
+        hidden_channels: int,
+        latent_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        scale_bounds: tuple[float, float],
+        temperature_mode: str,
     ) -> None:
         super().__init__(latent_channels, scale_bounds, temperature_mode)
         self.posterior = ConvStack(encoder_channels, hidden_channels, kernel_size)
@@ -273,8 +309,14 @@ class TopLatentBlock(_LatentBlock):
         self.z_proj = nn.Conv3d(latent_channels, out_channels, 1)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        h: torch.Tensor,
+        lateral: torch.Tensor,
+        use_posterior: bool,
+        sample: bool,
+        temperature: float,
+        z_given: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if use_posterior:
             feats = self.posterior(lateral)
             mu_q, scale_q = self.posterior_mean(feats), self._scale(self.posterior_scale(feats))
@@ -285,7 +327,11 @@ class TopLatentBlock(_LatentBlock):
             shape = [h.shape[0], self.latent_channels, h.shape[2], h.shape[3], h.shape[4]]
             zeros = torch.zeros(shape, dtype=torch.float32, device=h.device)
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = z_given.float() if z_given is not None else _draw(zeros, torch.ones_like(zeros), sample, temperature, self.temperature_mode)
+            z = (
+                z_given.float()
+                if z_given is not None
+                else _draw(zeros, torch.ones_like(zeros), sample, temperature, self.temperature_mode)
+            )
         return self.z_proj(z.to(h.dtype)), kl, z
 
 
@@ -300,8 +346,15 @@ class TopDownBlock(_LatentBlock):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, encoder_channels: int, hidden_channels: int, latent_channels: int,
-        kernel_size: int, scale_bounds: Tuple[float, float], temperature_mode: str,
+        self,
+        in_channels: int,
+        out_channels: int,
+        encoder_channels: int,
+        hidden_channels: int,
+        latent_channels: int,
+        kernel_size: int,
+        scale_bounds: tuple[float, float],
+        temperature_mode: str,
     ) -> None:
         super().__init__(latent_channels, scale_bounds, temperature_mode)
         self.prior = ConvStack(in_channels, hidden_channels, kernel_size)
@@ -317,8 +370,14 @@ class TopDownBlock(_LatentBlock):
             _scale_weight(head, 0.0)
 
     def _forward(
-        self, h: torch.Tensor, lateral: torch.Tensor, use_posterior: bool, sample: bool, temperature: float, z_given: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        h: torch.Tensor,
+        lateral: torch.Tensor,
+        use_posterior: bool,
+        sample: bool,
+        temperature: float,
+        z_given: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prior = self.prior(h)
         mu_p, scale_p = self.prior_mean(prior), self._scale(self.prior_scale(prior))
         if use_posterior:
@@ -328,7 +387,11 @@ class TopDownBlock(_LatentBlock):
             z = _draw(mu_q, scale_q, sample, 1.0, "latent")
         else:
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = z_given.float() if z_given is not None else _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
+            z = (
+                z_given.float()
+                if z_given is not None
+                else _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
+            )
         return self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h), kl, z
 
 
@@ -355,6 +418,19 @@ class OutputHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv(F.gelu(h))
+
+
+def _check_options(
+    activation: str, temperature_mode: str, hidden_bounds: Sequence[float], output_bounds: Sequence[float]
+) -> None:
+    """Raises ValueError naming the first VDVAE option (other than the per-level lists) with a value it cannot take."""
+    if activation not in ("tanh", "identity"):
+        raise ValueError(f"output_activation_function must be 'tanh' or 'identity', got {activation!r}")
+    if temperature_mode not in TEMPERATURE_MODES:
+        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
+    for name, bounds in (("scale_hidden_clamp_bounds", hidden_bounds), ("scale_output_clamp_bounds", output_bounds)):
+        if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
+            raise ValueError(f"{name} must be [lo, hi] with 0 < lo < hi, got {list(bounds)}")
 
 
 class VDVAE(nn.Module):
@@ -413,8 +489,7 @@ class VDVAE(nn.Module):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        validate_architecture(
-            resolution,
+        lists = dict(
             channels=channels,
             channels_hidden=channels_hidden,
             channels_top_down=channels_top_down,
@@ -424,13 +499,10 @@ class VDVAE(nn.Module):
             kernel_sizes_bottom_up=kernel_sizes_bottom_up,
             kernel_sizes_top_down=kernel_sizes_top_down,
         )
-        if output_activation_function not in ("tanh", "identity"):
-            raise ValueError(f"output_activation_function must be 'tanh' or 'identity', got {output_activation_function!r}")
-        if temperature_mode not in TEMPERATURE_MODES:
-            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
-        for name, bounds in (("scale_hidden_clamp_bounds", scale_hidden_clamp_bounds), ("scale_output_clamp_bounds", scale_output_clamp_bounds)):
-            if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
-                raise ValueError(f"{name} must be [lo, hi] with 0 < lo < hi, got {list(bounds)}")
+        validate_architecture(resolution, **lists)
+        _check_options(
+            output_activation_function, temperature_mode, scale_hidden_clamp_bounds, scale_output_clamp_bounds
+        )
         self.resolution = int(resolution)
         self.in_channels = int(in_channels)
         self.num_levels = len(channels)
@@ -444,30 +516,20 @@ class VDVAE(nn.Module):
         depth = sum(latent_feature_maps_per_resolution) + 2 * (self.num_levels - 1)
         last_scale = math.sqrt(1.0 / depth)
 
-        self.encoder_levels, self.downsamplers = self._build_encoder(
-            channels, channels_hidden, kernel_sizes_bottom_up, convolutional_downsampling, last_scale
-        )
-        self.group_levels: List[int] = []  # level index of each latent group, top first (0 = full resolution)
+        self.encoder_levels, self.downsamplers = self._build_encoder(lists, convolutional_downsampling, last_scale)
+        self.group_levels: list[int] = []  # level index of each latent group, top first (0 = full resolution)
         self.decoder_upsamplers = nn.ModuleList()  # per group: Upsample when it starts a level below the top
         self.decoder_blocks = nn.ModuleList()  # TopLatentBlock, then TopDownBlocks
         self.decoder_resblocks = nn.ModuleList()
-        self._build_decoder(
-            channels,
-            channels_top_down,
-            channels_hidden_top_down,
-            channels_per_latent,
-            latent_feature_maps_per_resolution,
-            kernel_sizes_top_down,
-            (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1])),
-            last_scale,
-            full_resolution_residual,
-        )
+        bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
+        self._build_decoder(lists, bounds, last_scale, full_resolution_residual)
         self.output_head = OutputHead(channels_top_down[0], in_channels)
         self._zero_biases()
         self.set_activation_checkpointing(activation_checkpointing)
 
-    def _build_encoder(self, channels, hidden, kernels, convolutional_downsampling: bool, last_scale: float):
+    def _build_encoder(self, lists: dict, convolutional_downsampling: bool, last_scale: float):
         """Two residual blocks per level, the first changing the width (1x1 skip), then subsampling."""
+        channels, hidden, kernels = lists["channels"], lists["channels_hidden"], lists["kernel_sizes_bottom_up"]
         levels, downsamplers = nn.ModuleList(), nn.ModuleList()
         for i in range(self.num_levels):
             c_in = self.in_channels if i == 0 else channels[i - 1]
@@ -486,9 +548,19 @@ class VDVAE(nn.Module):
         return levels, downsamplers
 
     def _build_decoder(
-        self, channels, channels_top_down, hidden, per_latent, groups, kernels, bounds, last_scale: float, full_res_residual: bool
+        self, lists: dict, bounds: tuple[float, float], last_scale: float, full_res_residual: bool
     ) -> None:
         """Latent groups and residual blocks from the 1^3 level down to full resolution."""
+        channels, channels_top_down, hidden = (
+            lists["channels"],
+            lists["channels_top_down"],
+            lists["channels_hidden_top_down"],
+        )
+        per_latent, groups, kernels = (
+            lists["channels_per_latent"],
+            lists["latent_feature_maps_per_resolution"],
+            lists["kernel_sizes_top_down"],
+        )
         top = self.num_levels - 1
         c_state = channels_top_down[top]
         for i in range(top, -1, -1):
@@ -498,18 +570,28 @@ class VDVAE(nn.Module):
             for j in range(groups[i]):
                 self.decoder_upsamplers.append(Upsample() if (i < top and j == 0) else nn.Identity())
                 if i == top and j == 0:
-                    block: nn.Module = TopLatentBlock(channels[i], hidden[i], z_ch, c, kernels[i], bounds, self.temperature_mode)
+                    block: nn.Module = TopLatentBlock(
+                        channels[i], hidden[i], z_ch, c, kernels[i], bounds, self.temperature_mode
+                    )
                 else:
-                    block = TopDownBlock(c_state, c, channels[i], hidden[i], z_ch, kernels[i], bounds, self.temperature_mode)
+                    block = TopDownBlock(
+                        c_state, c, channels[i], hidden[i], z_ch, kernels[i], bounds, self.temperature_mode
+                    )
                 self.decoder_blocks.append(block)
-                self.decoder_resblocks.append(ResBlock(c, hidden[i], c, kernels[i], residual=residual, last_scale=last_scale if residual else 1.0))
+                self.decoder_resblocks.append(
+                    ResBlock(c, hidden[i], c, kernels[i], residual=residual, last_scale=last_scale if residual else 1.0)
+                )
                 self.group_levels.append(i)
                 c_state = c
 
     def _zero_biases(self) -> None:
         """Every convolution bias starts at zero except the 1x1 width changes of the latent groups (the reference's
         ``skip_con_conv``), which keep PyTorch's default initialisation."""
-        kept = {id(b.skip.bias) for b in self.decoder_blocks if isinstance(b, TopDownBlock) and isinstance(b.skip, nn.Conv3d)}
+        kept = {
+            id(b.skip.bias)
+            for b in self.decoder_blocks
+            if isinstance(b, TopDownBlock) and isinstance(b.skip, nn.Conv3d)
+        }
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, nn.Conv3d) and m.bias is not None and id(m.bias) not in kept:
@@ -535,7 +617,7 @@ class VDVAE(nn.Module):
         """Number of latent dimensions (channels x voxels) of each group, top first."""
         return [b.latent_channels * r**3 for b, r in zip(self.decoder_blocks, self.group_resolutions())]
 
-    def clipping_groups(self) -> Dict[str, List[nn.Parameter]]:
+    def clipping_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters whose gradient norms the reference clips separately: encoder, decoder (latent groups and
         residual blocks) and output head."""
         return {
@@ -547,19 +629,21 @@ class VDVAE(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         r = self.resolution
         if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != r or x.shape[3] != r or x.shape[4] != r:
-            raise ValueError(f"VDVAE expects input of shape (B, {self.in_channels}, {r}, {r}, {r}), got {list(x.shape)}")
+            raise ValueError(
+                f"VDVAE expects input of shape (B, {self.in_channels}, {r}, {r}, {r}), got {list(x.shape)}"
+            )
 
-    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Lateral activations per level, full resolution first: [(B, channels[i], R/2^i, ...)]."""
         h = x
-        laterals: List[torch.Tensor] = []
+        laterals: list[torch.Tensor] = []
         for level, down in zip(self.encoder_levels, self.downsamplers):
             h = level(h)
             laterals.append(h)
             h = down(h)
         return laterals
 
-    def _output(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _output(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.output_head(h).float()
         mean = out[:, : self.in_channels]
         mean = torch.tanh(mean) if self.output_tanh else mean
@@ -571,14 +655,14 @@ class VDVAE(nn.Module):
 
     def decode_latents(
         self,
-        laterals: Optional[List[torch.Tensor]],
+        laterals: list[torch.Tensor] | None,
         batch_size: int,
         posterior_groups: int,
         sample_posterior: bool = True,
         sample_prior: bool = True,
         temperature: float = 1.0,
-        given: Optional[List[torch.Tensor]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        given: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
         ``laterals``; the rest use the prior, except that prior group g takes ``given[g]`` as its latent when
         g < len(given). Returns (mean, scale) of the output Gaussian (B, C, R, R, R), the per-volume KL of every
@@ -587,15 +671,15 @@ class VDVAE(nn.Module):
         h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
         if laterals is not None:
             h = h.to(laterals[-1].dtype)
-        kls: List[torch.Tensor] = []
-        zs: List[torch.Tensor] = []
+        kls: list[torch.Tensor] = []
+        zs: list[torch.Tensor] = []
         g = 0
         for upsample, block, res in zip(self.decoder_upsamplers, self.decoder_blocks, self.decoder_resblocks):
             h = upsample(h)
             if laterals is not None and g < posterior_groups:
                 h, kl, z = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0, None)
             else:
-                z_given: Optional[torch.Tensor] = None
+                z_given: torch.Tensor | None = None
                 if given is not None and g < len(given):
                     z_given = given[g]
                 h, kl, z = block(h, h, False, sample_prior, temperature, z_given)
@@ -608,15 +692,17 @@ class VDVAE(nn.Module):
 
     def decode(
         self,
-        laterals: Optional[List[torch.Tensor]],
+        laterals: list[torch.Tensor] | None,
         batch_size: int,
         posterior_groups: int,
         sample_posterior: bool = True,
         sample_prior: bool = True,
         temperature: float = 1.0,
-    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """:meth:`decode_latents` without the latents: (mean, scale, KL per group)."""
-        mean, scale, kls, _ = self.decode_latents(laterals, batch_size, posterior_groups, sample_posterior, sample_prior, temperature)
+        mean, scale, kls, _ = self.decode_latents(
+            laterals, batch_size, posterior_groups, sample_posterior, sample_prior, temperature
+        )
         return mean, scale, kls
 
     # ------------------------------------------------------------------ public API
@@ -647,7 +733,7 @@ class VDVAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, down_to_resolution: int | None = None) -> torch.Tensor:
-        """"Progressive" reconstruction (B, C, R, R, R): posterior means for the groups at resolutions
+        """ "Progressive" reconstruction (B, C, R, R, R): posterior means for the groups at resolutions
         <= ``down_to_resolution`` (all groups when None), prior means below."""
         self._check_input(x)
         if down_to_resolution is None:
@@ -664,6 +750,50 @@ class VDVAE(nn.Module):
 
         mean, scale, kl = self.forward_train(x)
         return negative_elbo_terms(x, mean, scale, kl)
+
+    # the interface of scripts.engine.generator.Generator (sampling, evaluation and anomaly workflows)
+
+    def describe(self) -> dict:
+        return {"family": "vdvae", "latent_groups": self.num_latent_groups}
+
+    def reconstruction_note(self) -> str:
+        return "posterior-mean reconstructions"
+
+    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per volume (B rows): ``neg_elbo_nats`` and ``neg_elbo_bits`` per voxel, ``kl_per_group`` (B, G) nats."""
+        terms = self.elbo(x)
+        return {k: terms[k].float() for k in ("neg_elbo_nats", "neg_elbo_bits", "kl_per_group")}
+
+    def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
+        """Negative ELBO per voxel (summary over volumes) and the KL of each latent group, with the groups whose mean
+        KL exceeds ``kl_active_threshold`` nats per volume called active."""
+        from scripts.engine.evaluation import summary
+
+        kl = terms["kl_per_group"]  # (N, G) nats per volume
+        resolutions, dims = self.group_resolutions(), self.latent_dims_per_group()
+        groups = []
+        for g in range(kl.shape[1]):
+            mean_kl = float(kl[:, g].mean())
+            groups.append(
+                {
+                    "group": g,
+                    "resolution": resolutions[g],
+                    "latent_dims": dims[g],
+                    "kl_nats_per_volume": mean_kl,
+                    "kl_nats_per_latent_dim": mean_kl / dims[g],
+                    "active": mean_kl > kl_active_threshold,
+                }
+            )
+        return {
+            "neg_elbo_nats_per_voxel": summary(terms["neg_elbo_nats"].numpy()),
+            "neg_elbo_bits_per_voxel": summary(terms["neg_elbo_bits"].numpy()),
+            "kl_nats_per_volume": float(kl.sum(1).mean()),
+            "kl_active_threshold_nats_per_volume": kl_active_threshold,
+            "active_groups": [g["group"] for g in groups if g["active"]],
+            "collapsed_groups": [g["group"] for g in groups if not g["active"]],
+            "kl_per_group": groups,
+            "note": "single-sample ELBO estimate (posterior noise seeded with `seed`); groups listed top of the hierarchy first",
+        }
 
 
 class VDVAETrainingStep(nn.Module):
@@ -695,8 +825,14 @@ def validate_architecture(resolution: int, **lists: Sequence[int]) -> None:
         if any((not isinstance(v, int)) or v < 0 for v in values):
             raise ValueError(f"{name} must hold non-negative integers, got {list(values)}")
         if any(v < 1 for v in values):
-            hint = " (every level needs a latent group: the first one at a level changes the decoder width)" if name == "latent_feature_maps_per_resolution" else ""
+            hint = (
+                " (every level needs a latent group: the first one at a level changes the decoder width)"
+                if name == "latent_feature_maps_per_resolution"
+                else ""
+            )
             raise ValueError(f"{name} entries must be >= 1{hint}, got {list(values)}")
-    bad = [k for k in list(lists["kernel_sizes_bottom_up"]) + list(lists["kernel_sizes_top_down"]) if k not in (1, 2, 3)]
+    bad = [
+        k for k in list(lists["kernel_sizes_bottom_up"]) + list(lists["kernel_sizes_top_down"]) if k not in (1, 2, 3)
+    ]
     if bad:
         raise ValueError(f"kernel_sizes_bottom_up / kernel_sizes_top_down entries must be 1, 2 or 3, got {bad}")

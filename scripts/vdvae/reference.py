@@ -27,7 +27,13 @@ import torch
 
 from scripts.vdvae.network import VDVAE, TopDownBlock
 
-__all__ = ["REFERENCE_GRAPHS", "reference_key_map", "convert_reference_state_dict", "to_reference_state_dict", "convert"]
+__all__ = [
+    "REFERENCE_GRAPHS",
+    "reference_key_map",
+    "convert_reference_state_dict",
+    "to_reference_state_dict",
+    "convert",
+]
 
 REFERENCE_GRAPHS = {
     "encoder": "bottom_up_graph_1_state_dict",
@@ -71,7 +77,9 @@ def reference_key_map(net: VDVAE) -> list[tuple[str, str, str]]:
         pairs += [(f"{lat}.convs_q.{i}", f"{ours}.posterior.convs.{i}") for i in range(3)]
         pairs += [(f"{lat}.convs_q.3", f"{ours}.posterior_mean"), (f"{lat}.convs_q.4", f"{ours}.posterior_scale")]
         pairs.append((f"{lat}.conv_z", f"{ours}.z_proj"))
-        pairs += _resblock_keys(f"{ref_level}.{first + 1}", f"decoder_resblocks.{g}", isinstance(res.skip, torch.nn.Conv3d))
+        pairs += _resblock_keys(
+            f"{ref_level}.{first + 1}", f"decoder_resblocks.{g}", isinstance(res.skip, torch.nn.Conv3d)
+        )
         rows += [(dec, r, o) for r, o in pairs]
     rows.append((REFERENCE_GRAPHS["head"], "0.convolutions.0", "output_head.conv"))
     return rows
@@ -81,13 +89,17 @@ def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def convert_reference_state_dict(checkpoint: Mapping, net: VDVAE, source: str = "the reference checkpoint") -> dict[str, torch.Tensor]:
+def convert_reference_state_dict(
+    checkpoint: Mapping, net: VDVAE, source: str = "the reference checkpoint"
+) -> dict[str, torch.Tensor]:
     """A state dict for ``net`` from a reference checkpoint (a dict holding the three graphs' state dicts; other
     entries such as the optimiser are ignored). Raises ValueError naming the first missing, unexpected or
     mismatching tensor, with both shapes."""
     missing_graphs = [g for g in REFERENCE_GRAPHS.values() if g not in checkpoint]
     if missing_graphs:
-        raise ValueError(f"{source} has no {missing_graphs} (expected the reference's keys {list(REFERENCE_GRAPHS.values())}); got {sorted(checkpoint)}")
+        raise ValueError(
+            f"{source} has no {missing_graphs} (expected the reference's keys {list(REFERENCE_GRAPHS.values())}); got {sorted(checkpoint)}"
+        )
     graphs = {g: _strip_module(checkpoint[g]) for g in REFERENCE_GRAPHS.values()}
     ours = net.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -129,7 +141,12 @@ def to_reference_state_dict(net: VDVAE) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def convert(reference_checkpoint: str, config_file: str | list[str] = "configs/train.json", output: str | None = None, **override) -> str:
+def convert(
+    reference_checkpoint: str,
+    config_file: str | list[str] = "configs/train.json",
+    output: str | None = None,
+    **override,
+) -> str:
     """Reads ``reference_checkpoint``, builds ``network_def`` from ``config_file`` (a path or a list of overlays,
     plus any ``--key value`` overrides), loads the converted weights into it (so a mismatch stops here) and saves
     the plain state dict to ``output`` (default: the config's ``model_path``). Returns the path written."""

@@ -22,7 +22,8 @@ from scripts.engine.training import (
 )
 from scripts.vdvae.loss import negative_elbo_terms
 
-__all__ = ['VDVAETrainer', 'VDVAEEvaluator', 'GradientSkipper', 'make_ema']
+__all__ = ["VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema"]
+
 
 def make_ema(network: nn.Module, decay: float) -> AveragedModel | None:
     """Exponential moving average of ``network``'s weights (torch's AveragedModel), or None when decay is 0."""
@@ -67,7 +68,13 @@ class GradientSkipper:
         min_window: int = 20,
         max_consecutive_skips: int = 50,
     ) -> None:
-        if gradient_skipping_value <= 0 or gradient_skip_factor < 0 or window < 1 or max_consecutive_skips < 1 or warmup_iterations < 0:
+        if (
+            gradient_skipping_value <= 0
+            or gradient_skip_factor < 0
+            or window < 1
+            or max_consecutive_skips < 1
+            or warmup_iterations < 0
+        ):
             raise ValueError(
                 "gradient_skipping_value must be > 0, gradient_skip_factor and warmup_iterations >= 0, window and "
                 "max_consecutive_skips >= 1"
@@ -177,7 +184,9 @@ class VDVAETrainer(AmpTrainer):
         terms = engine.loss_function(x, mean, scale, kl, step=engine.state.iteration)
         loss = terms["loss"]
         terms = {k: v.detach() for k, v in terms.items()}
-        norms = backward_and_clip(loss, engine.optimizer, engine.scaler, engine.clip, _unwrap_vae(engine.network).clipping_groups())
+        norms = backward_and_clip(
+            loss, engine.optimizer, engine.scaler, engine.clip, _unwrap_vae(engine.network).clipping_groups()
+        )
         grad_norm = max(norms.values())  # nan and inf propagate
         if any(not math.isfinite(n) for n in norms.values()):
             grad_norm = float("nan")

@@ -14,7 +14,8 @@ from scripts.vq.networks import VQGenerator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['region_token_mask', 'complete_volumes']
+__all__ = ["region_token_mask", "complete_volumes"]
+
 
 def region_token_mask(token_grid: Sequence[int], n: int, keep: str) -> torch.Tensor:
     """(n, *grid) bool mask of the tokens to keep for completion: ``keep`` is "first_half" / "second_half" of the
@@ -82,8 +83,16 @@ def complete_volumes(
         given = torch.where(voxel_mask.bool(), x, torch.full_like(x, -1.0))
         for item in range(x.shape[0]):
             name = os.path.basename(files[i]).split(".nii")[0]
-            for suffix, vol in (("input", x[item]), ("given", given[item]), ("completed", completed[item].float().clamp(-1, 1))):
-                path = save_nifti(nifti_array(vol.cpu().numpy(), low, high), affine, os.path.join(output_dir, f"{name}_{suffix}.nii.gz"))
+            for suffix, vol in (
+                ("input", x[item]),
+                ("given", given[item]),
+                ("completed", completed[item].float().clamp(-1, 1)),
+            ):
+                path = save_nifti(
+                    nifti_array(vol.cpu().numpy(), low, high),
+                    affine,
+                    os.path.join(output_dir, f"{name}_{suffix}.nii.gz"),
+                )
             written.append(path)
             if len(rows) < 8:
                 rows.append(torch.cat([given[item], completed[item].float().clamp(-1, 1), x[item]], dim=0).cpu())

@@ -10,8 +10,8 @@ Two priors over a token grid of L positions and K codes, both (B, *grid) long te
   with the reweighted ELBO of absorbing discrete diffusion (Austin et al. 2021; Bond-Taylor et al. 2022) and
   sampled by unmasking each still-masked token with probability 1/t at step t = T..1.
 
-:class:`VQGenerator` joins a VQ-VAE and a prior behind the interface ``scripts.engine.evaluation.evaluate`` uses:
-``resolution``, ``forward(x)`` (reconstruction), ``sample(n, temperature)`` and ``likelihood(x)``.
+:class:`VQGenerator` joins a VQ-VAE and a prior behind the interface of both families,
+:class:`scripts.engine.generator.Generator`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ from monai.networks.nets import DecoderOnlyTransformer
 from monai.utils.ordering import Ordering
 from torch import nn
 
-__all__ = ['VQVAE', 'VQVAETrainingStep', 'codebook_usage', 'AutoregressivePrior', 'AbsorbingDiffusionPrior', 'absorbing_diffusion_loss', 'VQGenerator', 'select_prior', 'require_prior']
+__all__ = [
+    "VQVAE",
+    "VQVAETrainingStep",
+    "codebook_usage",
+    "AutoregressivePrior",
+    "AbsorbingDiffusionPrior",
+    "absorbing_diffusion_loss",
+    "VQGenerator",
+    "select_prior",
+    "require_prior",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -206,17 +216,31 @@ class AutoregressivePrior(nn.Module):
     """
 
     def __init__(
-        self, token_grid: Sequence[int], num_embeddings: int, ordering: str = "raster_scan", dim: int = 128, depth: int = 4, heads: int = 4
+        self,
+        token_grid: Sequence[int],
+        num_embeddings: int,
+        ordering: str = "raster_scan",
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
     ) -> None:
         super().__init__()
         self.token_grid = tuple(int(s) for s in token_grid)
         self.num_embeddings = int(num_embeddings)
         self.seq_len = math.prod(self.token_grid)
-        self.ordering = Ordering(ordering_type=ordering, spatial_dims=len(self.token_grid), dimensions=(1,) + self.token_grid)
-        self.transformer = DecoderOnlyTransformer(
-            num_tokens=num_embeddings + 1, max_seq_len=self.seq_len, attn_layers_dim=dim, attn_layers_depth=depth, attn_layers_heads=heads
+        self.ordering = Ordering(
+            ordering_type=ordering, spatial_dims=len(self.token_grid), dimensions=(1,) + self.token_grid
         )
-        self.register_buffer("order", torch.as_tensor(self.ordering.get_sequence_ordering(), dtype=torch.long), persistent=False)
+        self.transformer = DecoderOnlyTransformer(
+            num_tokens=num_embeddings + 1,
+            max_seq_len=self.seq_len,
+            attn_layers_dim=dim,
+            attn_layers_depth=depth,
+            attn_layers_heads=heads,
+        )
+        self.register_buffer(
+            "order", torch.as_tensor(self.ordering.get_sequence_ordering(), dtype=torch.long), persistent=False
+        )
 
     def _sequence(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.reshape(tokens.shape[0], -1)[:, self.order]
@@ -241,7 +265,11 @@ class AutoregressivePrior(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None
+        self,
+        n: int,
+        temperature: float = 1.0,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token grids (n, *grid), drawn one position at a time in the ordering from softmax(logits / temperature).
         With ``known`` (n, *grid) and ``known_mask`` (n, *grid) bool, masked positions keep the known tokens."""
@@ -255,7 +283,9 @@ class AutoregressivePrior(nn.Module):
             if known_seq is not None:
                 nxt = torch.where(mask_seq[:, i : i + 1], known_seq[:, i : i + 1], nxt)
             seq = torch.cat([seq, nxt], 1)
-        return seq[:, 1:][:, torch.as_tensor(self.ordering.get_revert_sequence_ordering(), device=device)].reshape((n,) + self.token_grid)
+        return seq[:, 1:][:, torch.as_tensor(self.ordering.get_revert_sequence_ordering(), device=device)].reshape(
+            (n,) + self.token_grid
+        )
 
 
 class AbsorbingTransformer(nn.Module):
@@ -268,7 +298,9 @@ class AbsorbingTransformer(nn.Module):
         self.token_embedding = nn.Embedding(num_embeddings + 1, dim)
         self.position_embedding = nn.Parameter(torch.zeros(1, seq_len, dim))
         nn.init.normal_(self.position_embedding, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_embeddings)
@@ -302,7 +334,13 @@ def absorbing_diffusion_loss(
     norm = math.log(2) * length
     reweighted = (1.0 - t.float() / num_timesteps) * ce / norm
     elbo = (num_timesteps / t.float()) * ce / norm
-    return {"loss": reweighted.mean(), "reweighted_bits_per_token": reweighted.detach(), "elbo_bits_per_token": elbo.detach(), "t": t, "masked": masked}
+    return {
+        "loss": reweighted.mean(),
+        "reweighted_bits_per_token": reweighted.detach(),
+        "elbo_bits_per_token": elbo.detach(),
+        "t": t,
+        "masked": masked,
+    }
 
 
 class AbsorbingDiffusionPrior(nn.Module):
@@ -316,7 +354,13 @@ class AbsorbingDiffusionPrior(nn.Module):
     """
 
     def __init__(
-        self, token_grid: Sequence[int], num_embeddings: int, num_timesteps: int = 256, dim: int = 128, depth: int = 4, heads: int = 4
+        self,
+        token_grid: Sequence[int],
+        num_embeddings: int,
+        num_timesteps: int = 256,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
     ) -> None:
         super().__init__()
         if num_timesteps < 1:
@@ -331,20 +375,33 @@ class AbsorbingDiffusionPrior(nn.Module):
     def loss(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training terms of :func:`absorbing_diffusion_loss` for (B, *grid) tokens; ``bits_per_token`` is the
         ELBO estimate."""
-        terms = absorbing_diffusion_loss(self.denoiser, tokens.reshape(tokens.shape[0], -1), self.num_timesteps, self.mask_id)
-        return {"loss": terms["loss"], "bits_per_token": terms["elbo_bits_per_token"], "reweighted_bits_per_token": terms["reweighted_bits_per_token"]}
+        terms = absorbing_diffusion_loss(
+            self.denoiser, tokens.reshape(tokens.shape[0], -1), self.num_timesteps, self.mask_id
+        )
+        return {
+            "loss": terms["loss"],
+            "bits_per_token": terms["elbo_bits_per_token"],
+            "reweighted_bits_per_token": terms["reweighted_bits_per_token"],
+        }
 
     forward = loss  # what a trainer (or DDP) calls
 
     def nll_bits_per_token(self, tokens: torch.Tensor, num_estimates: int = 4) -> torch.Tensor:
         """ELBO (an upper bound on the NLL) in bits per token (B,), averaged over ``num_estimates`` draws of (t, mask)."""
         x0 = tokens.reshape(tokens.shape[0], -1)
-        draws = [absorbing_diffusion_loss(self.denoiser, x0, self.num_timesteps, self.mask_id)["elbo_bits_per_token"] for _ in range(num_estimates)]
+        draws = [
+            absorbing_diffusion_loss(self.denoiser, x0, self.num_timesteps, self.mask_id)["elbo_bits_per_token"]
+            for _ in range(num_estimates)
+        ]
         return torch.stack(draws).mean(0)
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None
+        self,
+        n: int,
+        temperature: float = 1.0,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token grids (n, *grid). Starts fully masked (except ``known_mask`` positions, which keep ``known``);
         at step t = T..1 unmasks each still-masked position with probability 1/t (all remaining ones at t = 1),
@@ -371,7 +428,7 @@ class AbsorbingDiffusionPrior(nn.Module):
 
 
 class VQGenerator(nn.Module):
-    """A VQ-VAE and a prior over its tokens, as one generator (the interface ``scripts.engine.evaluation.evaluate`` uses).
+    """A VQ-VAE and a prior over its tokens, as one :class:`scripts.engine.generator.Generator`.
 
     Args:
         vqvae: the trained stage-1 :class:`VQVAE` (frozen).
@@ -401,12 +458,20 @@ class VQGenerator(nn.Module):
         if isinstance(self.prior, AutoregressivePrior):
             bos = torch.full((n, 1), self.vqvae.num_embeddings, dtype=torch.long, device=self.prior.order.device)
             return VQVAETransformerInferer().sample(
-                self.prior.token_grid, bos, self.vqvae, self.prior.transformer, self.prior.ordering, temperature=temperature, verbose=False
+                self.prior.token_grid,
+                bos,
+                self.vqvae,
+                self.prior.transformer,
+                self.prior.ordering,
+                temperature=temperature,
+                verbose=False,
             )
         return self.vqvae.decode_tokens(self.prior.sample(n, temperature))
 
     @torch.no_grad()
-    def complete(self, x: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def complete(
+        self, x: torch.Tensor, keep: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Completes volumes from a part of them: the tokens of ``x`` (B, C, *R) where ``keep`` (B, *grid) is True are
         kept, the rest generated by the prior. Returns (volumes (B, C, *R), tokens (B, *grid))."""
         known = self.vqvae.tokens(x)
@@ -418,7 +483,34 @@ class VQGenerator(nn.Module):
         """Held-out likelihood of the tokens of ``x``: ``bits_per_token`` (B,), exact for the autoregressive prior, an
         ELBO (upper bound) for the absorbing prior. It scores the token grid only, not the voxels (the VQ-VAE
         decoder is deterministic), so it is not comparable with the VDVAE's bits per voxel."""
-        return {"bits_per_token": self.prior.nll_bits_per_token(self.vqvae.tokens(x), self.likelihood_estimates).float()}
+        return {
+            "bits_per_token": self.prior.nll_bits_per_token(self.vqvae.tokens(x), self.likelihood_estimates).float()
+        }
+
+    # the rest of the interface of scripts.engine.generator.Generator
+
+    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.likelihood(x)
+
+    def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
+        """The prior's bits per token of the held-out token grids (``kl_active_threshold`` does not apply)."""
+        from scripts.engine.evaluation import summary
+
+        bits = terms["bits_per_token"].numpy()
+        tokens = math.prod(self.vqvae.token_grid)
+        return {
+            "bits_per_token": summary(bits),
+            "tokens_per_volume": tokens,
+            "bits_per_volume": float(bits.mean() * tokens),
+            "kind": self.describe()["likelihood"],
+            "note": (
+                "the likelihood of the token grid under the prior; the VQ-VAE decoder is deterministic, so this is not a "
+                "likelihood of the voxels and cannot be compared with the VDVAE's bits per voxel"
+            ),
+        }
+
+    def reconstruction_note(self) -> str:
+        return "reconstructions through the codebook (decoded token grids)"
 
     def describe(self) -> dict:
         exact = isinstance(self.prior, AutoregressivePrior)
@@ -426,11 +518,13 @@ class VQGenerator(nn.Module):
             "family": "vq-vae + " + ("autoregressive transformer" if exact else "absorbing diffusion transformer"),
             "token_grid": list(self.vqvae.token_grid),
             "num_embeddings": self.vqvae.num_embeddings,
-            "likelihood": "exact NLL of the tokens" if exact else f"ELBO of the tokens (upper bound on the NLL), mean of {self.likelihood_estimates} draws",
+            "likelihood": "exact NLL of the tokens"
+            if exact
+            else f"ELBO of the tokens (upper bound on the NLL), mean of {self.likelihood_estimates} draws",
         }
 
 
-# ---------------------------------------------------------------------------------------------------- token files
+# ---------------------------------------------------------------------------------------------------- stage 2
 
 
 def require_prior(network: nn.Module) -> nn.Module:

@@ -13,7 +13,8 @@ from scripts.vq.networks import VQVAE, codebook_usage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ['write_token_grids', 'load_token_grids']
+__all__ = ["write_token_grids", "load_token_grids"]
+
 
 @torch.no_grad()
 def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.device | str, vqvae_path: str) -> str:
@@ -38,7 +39,9 @@ def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.devi
         tokens = torch.cat(grids)
         counts = torch.bincount(tokens.reshape(-1).long(), minlength=vqvae.num_embeddings)
         out[split] = {"tokens": tokens, "files": files, "codebook_usage": codebook_usage(counts)}
-        logger.info(f"tokens: {split}: {tokens.shape[0]} grids of {tuple(tokens.shape[1:])}, {out[split]['codebook_usage']}")
+        logger.info(
+            f"tokens: {split}: {tokens.shape[0]} grids of {tuple(tokens.shape[1:])}, {out[split]['codebook_usage']}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(out, tmp)

@@ -24,7 +24,15 @@ from scripts.engine.training import (
 )
 from scripts.vq.networks import codebook_usage
 
-__all__ = ["VQVAETrainer", "VQVAEEvaluator", "PriorTrainer", "PriorEvaluator", "CodebookUsage", "reconstruction_metrics", "psnr_metric"]
+__all__ = [
+    "VQVAETrainer",
+    "VQVAEEvaluator",
+    "PriorTrainer",
+    "PriorEvaluator",
+    "CodebookUsage",
+    "reconstruction_metrics",
+    "psnr_metric",
+]
 
 
 def _image(batch: dict, device, non_blocking: bool, channels_last: bool) -> torch.Tensor:
@@ -73,7 +81,14 @@ class VQVAETrainer(AmpTrainer):
             "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
             "learning_rate": float(engine.optimizer.param_groups[0]["lr"]),
         }
-        engine.state.output = {"image": x, "pred": recon.detach().float(), "tokens": tokens, "recon_mse": mse.detach(), "loss": scalars["loss"], "scalars": scalars}
+        engine.state.output = {
+            "image": x,
+            "pred": recon.detach().float(),
+            "tokens": tokens,
+            "recon_mse": mse.detach(),
+            "loss": scalars["loss"],
+            "scalars": scalars,
+        }
         return engine.state.output
 
     @property
@@ -127,7 +142,8 @@ def reconstruction_metrics(spatial_dims: int, num_embeddings: int, prefix: str =
     and codebook usage. (The key metric, ``val_psnr``, is separate.)"""
     return {
         f"{prefix}ssim": IgniteMetricHandler(
-            metric_fn=SSIMMetric(spatial_dims=spatial_dims, data_range=2.0, win_size=7), output_transform=lambda out: (out["pred"], out["image"])
+            metric_fn=SSIMMetric(spatial_dims=spatial_dims, data_range=2.0, win_size=7),
+            output_transform=lambda out: (out["pred"], out["image"]),
         ),
         f"{prefix}codebook": CodebookUsage(num_embeddings, prefix=prefix),
     }
@@ -135,7 +151,9 @@ def reconstruction_metrics(spatial_dims: int, num_embeddings: int, prefix: str =
 
 def psnr_metric() -> IgniteMetricHandler:
     """PSNR (dB) of the reconstructions on the [-1, 1] scale (data range 2), MONAI's PSNRMetric."""
-    return IgniteMetricHandler(metric_fn=PSNRMetric(max_val=2.0), output_transform=lambda out: (out["pred"], out["image"]))
+    return IgniteMetricHandler(
+        metric_fn=PSNRMetric(max_val=2.0), output_transform=lambda out: (out["pred"], out["image"])
+    )
 
 
 class PriorTrainer(AmpTrainer):
@@ -193,4 +211,3 @@ class PriorEvaluator(AmpEvaluator):
             bits = prior.nll_bits_per_token(tokens, engine.num_estimates).float()
         engine.state.output = {"bits_per_token": bits}
         return engine.state.output
-
