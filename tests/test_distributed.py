@@ -448,3 +448,21 @@ def test_rank0_handlers_are_built_on_rank0_only(monkeypatch, tmp_path, nifti_dir
     assert built["1"][0] == ["BestModelSaver"] and built["1"][1] is None
     built["0"][1].close()
     assert os.listdir(tmp_path / "0" / "tensorboard") and not (tmp_path / "1" / "tensorboard").exists()
+
+
+def test_vq_family_trains_both_stages_under_torchrun_with_the_same_overlay(tmp_path, nifti_dir):
+    from tests.test_vq import stage1_overrides, stage2_overrides
+
+    s1 = stage1_overrides(nifti_dir, str(tmp_path / "vqvae"), max_epochs=1, batch_size=2)
+    log = torchrun([STANDALONE], s1, ["configs/vqvae_train.json", MULTI])
+    assert os.path.isfile(s1["vqvae_path"]) and os.path.isfile(os.path.join(s1["output_dir"], "tokens.pt"))
+    assert log.count("VQVAETrainer - INFO - Epoch[1] Complete") == 1  # logged by rank 0 only
+    assert len(os.listdir(os.path.join(s1["output_dir"], "tensorboard"))) == 1
+    s2 = stage2_overrides(s1, str(tmp_path / "prior"), max_epochs=1, batch_size=2)
+    log = torchrun(
+        [STANDALONE],
+        s2,
+        ["configs/vqvae_train.json", "configs/vq_prior.json", "configs/vq_prior_autoregressive.json", MULTI],
+    )
+    assert os.path.isfile(s2["model_path"]) and log.count("PriorTrainer - INFO - Epoch[1] Complete") == 1
+    assert latest_checkpoint(os.path.join(s2["output_dir"], "checkpoints")) is not None

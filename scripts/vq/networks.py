@@ -238,6 +238,11 @@ class AutoregressivePrior(nn.Module):
             attn_layers_depth=depth,
             attn_layers_heads=heads,
         )
+        # MONAI's blocks build a cross-attention LayerNorm even without cross-attention; it never gets a gradient,
+        # which DistributedDataParallel refuses ("parameters did not receive gradient"), so it is frozen
+        for name, param in self.transformer.named_parameters():
+            if "norm_cross_attn" in name:
+                param.requires_grad_(False)
         self.register_buffer(
             "order", torch.as_tensor(self.ordering.get_sequence_ordering(), dtype=torch.long), persistent=False
         )
