@@ -258,6 +258,36 @@ def test_a_lesion_changes_the_map_where_it_is_placed(tmp_path):
     assert np.abs(diff[dist > 10.0]).max() < 0.01 * inside and np.abs(diff[dist > 7.0]).mean() < 0.02 * inside
 
 
+def test_latent_kl_maps_account_for_the_models_kl_per_group_resolution():
+    """The ``kl`` maps, summed over the voxels, are the KL terms of the model's own ELBO (per volume and latent
+    resolution, as ``decode`` reports them), so they measure the same information the model is trained on; the
+    detector returns the map of its ``kl_resolution`` against the posterior-mean reconstruction."""
+    torch.manual_seed(0)
+    net = VDVAE(R, **tiny_architecture(R)).eval()
+    with torch.no_grad():  # the prior heads start at zero: give them something to disagree with the posterior
+        for block in net.decoder_blocks:
+            for head in ("prior_mean", "prior_scale"):
+                if hasattr(block, head):
+                    torch.nn.init.normal_(getattr(block, head).weight, std=0.1)
+    x = torch.rand(2, 1, R, R, R) * 2 - 1
+    resolutions = sorted(set(net.group_resolutions()))
+    det = VDVAEAnomaly(net, "kl", kl_resolution=resolutions[-1])
+    maps, mean = det.kl_maps(x)
+    assert sorted(maps) == resolutions
+    with torch.no_grad():
+        _, _, kls = net.decode(net.encode(x), 2, net.num_latent_groups, sample_posterior=False)
+    for r in resolutions:
+        assert maps[r].shape == x.shape and (maps[r] >= -1e-6).all()
+        expected = sum(kl for kl, gr in zip(kls, net.group_resolutions()) if gr == r)
+        assert torch.allclose(maps[r].sum((1, 2, 3, 4)), expected, rtol=1e-3, atol=1e-3), r
+    out = det(x)
+    assert torch.equal(out["map"], maps[resolutions[-1]])
+    assert torch.allclose(out["healed"], net(x).float(), atol=1e-5) and torch.allclose(mean, out["healed"])
+    assert det.describe()["kl_resolution"] == resolutions[-1]
+    with pytest.raises(ValueError, match="kl_resolution 3 holds no latent group"):
+        VDVAEAnomaly(net, "kl", kl_resolution=3)
+
+
 def test_clear_errors_for_an_empty_folder_a_corrupt_file_and_bad_options(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
