@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from scripts.engine.anomaly import (
@@ -396,3 +397,14 @@ def test_anomaly_overlays_run_through_monai_bundle(tmp_path):
     assert [r["name"] for r in rows] == ["a", "b"] and [r["resampled"] for r in rows] == ["True", "False"]
     healed = nib.load(str(vq_out / "b_healed.nii.gz"))
     assert healed.shape == (R,) * 3 and np.allclose(healed.affine, TRAIN_AFFINE)
+
+
+def test_defaults_are_the_benchmarks_choice_the_latent_kl_at_the_finest_groups():
+    parser = ConfigParser()
+    parser.read_config([os.path.join(ROOT, "configs/inference.json"), os.path.join(ROOT, "configs/anomaly.json")])
+    parser.update({"bundle_root": ROOT, "resolution": 64})
+    assert parser.get_parsed_content("method") == "kl" and parser.get_parsed_content("kl_resolution") == 64
+    assert parser.get_parsed_content("map_smoothing") == 3
+    net = VDVAE(resolution=8, **tiny_architecture(8)).eval()
+    det = VDVAEAnomaly(net)
+    assert det.method == "kl" and det.kl_resolution == 8 and 8 in net.group_resolutions()

@@ -297,7 +297,8 @@ def _heldout(run_dir: str, other_run_dirs: list[str]) -> list[str]:
     path = os.path.join(run_dir, "data_split.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path} not found: --vdvae_run_dir must be the training run of --vdvae_model (its data split)"
+            f"{path} not found: --vdvae_run_dir (or, without a VDVAE, --vq_run_dir) must be the model's training run "
+            "(its data split)"
         )
     with open(path) as f:
         val = json.load(f)["val"]
@@ -368,8 +369,16 @@ def main(
             f"neither {vdvae_model} nor {vqvae_path} + {vq_prior_path} exist: train the default runs first (README)"
         )
     vparser = _parser(vdvae_config_files or ["configs/train.json"], vdvae_overrides or {})
-    resolution = int(vparser.get_parsed_content("resolution"))
-    files = _heldout(vdvae_run_dir, [vq_run_dir] if have_vq else [])
+    if have_vdvae:
+        resolution = int(vparser.get_parsed_content("resolution"))
+        files = _heldout(vdvae_run_dir, [vq_run_dir] if have_vq else [])
+    else:  # the VQ family alone: its resolution and held-out split; the same preprocessing at that resolution
+        vq_options = {"vqvae_path": vqvae_path, "ckpt_path": vq_prior_path, **(vq_overrides or {})}
+        resolution = int(_parser(["configs/vq_inference.json"], vq_options).get_parsed_content("resolution"))
+        vparser = _parser(
+            vdvae_config_files or ["configs/train.json"], {**(vdvae_overrides or {}), "resolution": resolution}
+        )
+        files = _heldout(vq_run_dir, [])
     files = files[:max_volumes] if max_volumes else files
     preprocessing = vparser.get_parsed_content("validate#preprocessing")
     volumes = preprocess_volumes(files, preprocessing)  # (N, 1, R, R, R)
