@@ -428,7 +428,18 @@ def evaluate(
     for t in temps:
         logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
         section, first, dist = _sample_pass(
-            network, t, num_samples, seed, batch_size, space, device, amp, diversity_samples, n_eq, train_files
+            network,
+            t,
+            num_samples,
+            seed,
+            batch_size,
+            space,
+            device,
+            amp,
+            diversity_samples,
+            ms_params,
+            n_eq,
+            train_files,
         )
         section["fraction_closer_than_closest_heldout"] = float((dist < held["distances"].min()).mean())
         report["samples"][f"{t:g}"] = section
@@ -494,6 +505,7 @@ def _sample_pass(
     device: torch.device,
     amp: str,
     diversity_samples: int,
+    ms_params: dict | None,
     n_eq: int,
     train_files: Sequence[str],
 ) -> tuple[dict, list[torch.Tensor], np.ndarray]:
@@ -516,7 +528,7 @@ def _sample_pass(
         "temperature": t,
         "num_samples": num_samples,
         "seconds_per_sample": seconds / num_samples,
-        **_diversity(diversity, ms_ssim_parameters(int(network.resolution))),
+        **_diversity(diversity, ms_params),
         **space.distribution(space.standardise(torch.cat(feats)), n_eq),
         "nearest_train_rmse": summary(dist),
         "closest_samples": [

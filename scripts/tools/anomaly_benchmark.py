@@ -368,13 +368,18 @@ def main(
         raise FileNotFoundError(
             f"neither {vdvae_model} nor {vqvae_path} + {vq_prior_path} exist: train the default runs first (README)"
         )
-    vparser = _parser(vdvae_config_files or ["configs/train.json"], vdvae_overrides or {})
+    qparser = None
+    if have_vq:
+        qparser = _parser(
+            ["configs/vq_inference.json"],
+            {"prior": vq_prior, "vqvae_path": vqvae_path, "ckpt_path": vq_prior_path, **(vq_overrides or {})},
+        )
     if have_vdvae:
+        vparser = _parser(vdvae_config_files or ["configs/train.json"], vdvae_overrides or {})
         resolution = int(vparser.get_parsed_content("resolution"))
         files = _heldout(vdvae_run_dir, [vq_run_dir] if have_vq else [])
     else:  # the VQ family alone: its resolution and held-out split; the same preprocessing at that resolution
-        vq_options = {"vqvae_path": vqvae_path, "ckpt_path": vq_prior_path, **(vq_overrides or {})}
-        resolution = int(_parser(["configs/vq_inference.json"], vq_options).get_parsed_content("resolution"))
+        resolution = int(qparser.get_parsed_content("resolution"))
         vparser = _parser(
             vdvae_config_files or ["configs/train.json"], {**(vdvae_overrides or {}), "resolution": resolution}
         )
@@ -489,10 +494,6 @@ def main(
             add(f"VDVAE likelihood (down to {r}^3, 1 draw)", runs[0], k)
 
     if have_vq:
-        qparser = _parser(
-            ["configs/vq_inference.json"],
-            {"prior": vq_prior, "vqvae_path": vqvae_path, "ckpt_path": vq_prior_path, **(vq_overrides or {})},
-        )
         generator = qparser.get_parsed_content("network")
         if generator.resolution != resolution:
             raise ValueError(

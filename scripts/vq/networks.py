@@ -438,7 +438,7 @@ class VQGenerator(nn.Module):
     Args:
         vqvae: the trained stage-1 :class:`VQVAE` (frozen).
         prior: an :class:`AutoregressivePrior` or :class:`AbsorbingDiffusionPrior` over its token grid.
-        likelihood_estimates: draws of the absorbing ELBO per volume in :meth:`likelihood`.
+        likelihood_estimates: draws of the absorbing ELBO per volume in :meth:`heldout_likelihood`.
     """
 
     def __init__(self, vqvae: VQVAE, prior: nn.Module, likelihood_estimates: int = 4) -> None:
@@ -484,7 +484,7 @@ class VQGenerator(nn.Module):
         return self.vqvae.decode_tokens(tokens), tokens
 
     @torch.no_grad()
-    def likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Held-out likelihood of the tokens of ``x``: ``bits_per_token`` (B,), exact for the autoregressive prior, an
         ELBO (upper bound) for the absorbing prior. It scores the token grid only, not the voxels (the VQ-VAE
         decoder is deterministic), so it is not comparable with the VDVAE's bits per voxel."""
@@ -493,9 +493,6 @@ class VQGenerator(nn.Module):
         }
 
     # the rest of the interface of scripts.engine.generator.Generator
-
-    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.likelihood(x)
 
     def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
         """The prior's bits per token of the held-out token grids (``kl_active_threshold`` does not apply)."""
