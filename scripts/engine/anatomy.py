@@ -27,7 +27,6 @@ input that has the same PSNR: "as blurred as a 1-voxel Gaussian".
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
