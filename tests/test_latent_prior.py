@@ -54,6 +54,18 @@ def test_pca_prior_spans_the_training_latents(net_and_data):
         LatentPCAPrior.fit(net, x, down_to_resolution=0)
 
 
+def test_a_marginal_of_the_finest_fit_is_the_fit_of_the_coarse_groups(net_and_data):
+    """One fit to every group serves the coarser cuts: same mean and same covariance as fitting them alone."""
+    net, x = net_and_data
+    fine, coarse = LatentPCAPrior.fit(net, x, 16), LatentPCAPrior.fit(net, x, 4)
+    cut = fine.marginal(len(coarse.shapes))
+    assert cut.shapes == coarse.shapes and len(fine.shapes) > len(coarse.shapes)
+    torch.testing.assert_close(cut.mean, coarse.mean)
+    torch.testing.assert_close(cut.basis.T @ cut.basis, coarse.basis.T @ coarse.basis, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="groups must be"):
+        fine.marginal(0)
+
+
 def test_posthoc_sampler(net_and_data):
     net, x = net_and_data
     sampler = PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, x, down_to_resolution=8))

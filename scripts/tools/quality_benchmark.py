@@ -36,6 +36,7 @@ import fire
 import numpy as np
 import torch
 
+from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur, psnr_per_volume
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
 from scripts.tools.check_samples import dice
@@ -49,6 +50,7 @@ FOREGROUND = -0.8  # the built-in cohort's background is about -0.92
 # named recipes: overrides of configs/train.json ("default" is train.json itself)
 REFERENCE_RECIPE = {
     "augment": True,
+    "shared_x_scale": False,
     "full_resolution_residual": False,
     "gradient_skip_factor": 0.0,
     "latent_prior_resolution": 0,
@@ -60,6 +62,9 @@ RECIPES: dict[str, dict] = {
     "reference_full_resolution_residual": {**REFERENCE_RECIPE, "full_resolution_residual": True},
     "reference_adaptive_skip": {**REFERENCE_RECIPE, "gradient_skip_factor": 10.0},
     "ema": {"ema_decay": 0.999},
+    "per_voxel_scale": {"shared_x_scale": False},  # 2.0.0's default recipe
+    "scale_floor": {"shared_x_scale": False, "scale_output_clamp_bounds": [0.03, 1.0]},
+    "batch8": {"batch_size": 8},
 }
 
 logger = logging.getLogger("quality_benchmark")
@@ -115,7 +120,17 @@ class Reference:
         self.train_z = (train_f - self.mu) / self.sd
         self.mask = ((torch.cat([self.train, self.heldout]) > FOREGROUND).float().mean(0)[0] >= 0.5).numpy()
         self.ms_params = ms_ssim_parameters(self.train.shape[-1])
-        self.real = self.figures(self.heldout)
+        self.anatomy = AnatomyScore(self.train.shape[-1])
+        self.real = {
+            **self.figures(self.heldout),
+            **{
+                f"anatomy_score_blur_{s:g}": float(self.anatomy.score_all(gaussian_blur(self.heldout, s)).mean())
+                for s in (0.5, 1.0, 1.5)
+            },
+            "reconstruction_psnr_blur_0.7": float(
+                psnr_per_volume(gaussian_blur(self.heldout, 0.7), self.heldout).mean()
+            ),
+        }
 
     def _z(self, volumes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -134,6 +149,16 @@ class Reference:
             "ms_ssim": mean_pairwise_ms_ssim(volumes[:16], self.ms_params)[0] if self.ms_params else None,
             "nearest_train_rmse_median": float(np.median(self.nearest_rmse(volumes))),
             "dice_vs_cohort_mask": float(np.mean([dice(v[0].numpy() > FOREGROUND, self.mask) for v in volumes])),
+            "anatomy_score": float(self.anatomy.score_all(volumes).mean()),
+        }
+
+    def reconstruction_figures(self, reconstructions: torch.Tensor) -> dict:
+        """PSNR (dB), blur-equivalent sigma (median, voxels) and anatomy score of reconstructions of the held-out
+        volumes (N, 1, R, R, R), in their order."""
+        return {
+            "reconstruction_psnr": float(psnr_per_volume(reconstructions, self.heldout).mean()),
+            "reconstruction_blur_sigma": float(np.median(blur_equivalent_sigma(self.heldout, reconstructions))),
+            "reconstruction_anatomy_score": float(self.anatomy.score_all(reconstructions).mean()),
         }
 
 
@@ -179,12 +204,14 @@ def measure_vdvae(
             torch.manual_seed(seed)
             with torch.no_grad():
                 elbo = float(torch.cat([net.elbo(b)["neg_elbo_nats"] for b in ref.heldout.split(5)]).mean())
+                recon = ref.reconstruction_figures(torch.cat([net(b) for b in ref.heldout.split(5)]).float())
             samplers = [("learned priors", net)]
-            if m_i == 0:
-                samplers += [
-                    (f"post-hoc prior <= {r}^3", PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, ref.train, r)))
-                    for r in latent_prior_resolutions
-                ]
+            if m_i == 0 and latent_prior_resolutions:
+                finest = LatentPCAPrior.fit(net, ref.train, max(latent_prior_resolutions))  # one pass; marginals
+                for r in latent_prior_resolutions:
+                    groups = sum(1 for g in net.group_resolutions() if g <= r)
+                    prior = PosthocPriorVDVAE(net, finest.marginal(groups))
+                    samplers.append((f"post-hoc prior <= {r}^3", prior))
             for name, generator in samplers:
                 for t in temperatures:
                     figures = ref.figures(_samples(generator, num_samples, t, seed))
@@ -195,6 +222,7 @@ def measure_vdvae(
                             "temperature_mode": mode,
                             "temperature": t,
                             "heldout_neg_elbo_nats": elbo,
+                            **recon,
                             **figures,
                         }
                     )
@@ -202,6 +230,8 @@ def measure_vdvae(
 
 
 def measure_vq(generator, ref: Reference, temperatures, num_samples: int, seed: int) -> list[dict]:
+    with torch.no_grad():
+        recon = ref.reconstruction_figures(torch.cat([generator(b) for b in ref.heldout.split(5)]).float())
     return [
         {
             "weights": "network",
@@ -209,6 +239,7 @@ def measure_vq(generator, ref: Reference, temperatures, num_samples: int, seed: 
             "temperature_mode": "-",
             "temperature": t,
             "heldout_neg_elbo_nats": None,
+            **recon,
             **ref.figures(_samples(generator, num_samples, t, seed)),
         }
         for t in temperatures
@@ -229,14 +260,18 @@ def write_report(results: dict, output: str, figure: str) -> None:
         "training wall clock per run (validation included) on the built-in cohort at 32^3; snapshots measured outside the "
         f"clock, {results['num_samples']} samples per temperature. Targets (held-out volumes, mean over seeds): "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in results["real"].items())
-        + ". Goal (issue 13): Frechet distance <= 3x held-out, MS-SSIM within 0.1 of held-out, Dice >= 0.8, nearest-train "
-        "RMSE >= held-out. Figures are means over seeds (min-max in brackets where there are several).",
+        + ". Goals: reconstructions no blurrier than a 0.7-voxel Gaussian blur of the held-out volumes (recon PSNR >= "
+        "reconstruction_psnr_blur_0.7, recon blur sigma <= 0.7); samples' anatomy score >= anatomy_score_blur_1 (the "
+        "held-out volumes blurred by 1 voxel), nearest-train RMSE >= held-out, Frechet distance <= 2x held-out. "
+        "Anatomy: scripts.engine.anatomy (tissue contrast in the MNI152 tissue regions after affine alignment, 1 = the "
+        "template). Figures are means over seeds (min-max in brackets where there are several).",
         "",
         f"![curves]({os.path.relpath(figure, os.path.dirname(output))})",
         "",
         "| family / recipe | weights | sampler | T mode | T | time (s) | updates | skipped "
-        "| held-out -ELBO (nats/voxel) | Frechet | MS-SSIM | NN-RMSE | Dice |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| held-out -ELBO (nats/voxel) | recon PSNR (dB) | recon blur sigma | recon anatomy "
+        "| Frechet | MS-SSIM | NN-RMSE | Dice | anatomy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({_series(r) + (r["point"],) for r in rows}, key=str)
     for recipe, weights, sampler, mode, t, point in keys:
@@ -251,8 +286,9 @@ def write_report(results: dict, output: str, figure: str) -> None:
 
         lines.append(
             f"| {recipe} | {weights} | {sampler} | {mode} | {t:g} | {agg('time_s', 3)} | {agg('iteration')} | {agg('skipped_fraction', 2)} | "
-            f"{agg('heldout_neg_elbo_nats')} | {agg('frechet_distance')} | {agg('ms_ssim')} | "
-            f"{agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} |"
+            f"{agg('heldout_neg_elbo_nats')} | {agg('reconstruction_psnr')} | {agg('reconstruction_blur_sigma', 2)} | "
+            f"{agg('reconstruction_anatomy_score')} | {agg('frechet_distance')} | {agg('ms_ssim')} | "
+            f"{agg('nearest_train_rmse_median')} | {agg('dice_vs_cohort_mask')} | {agg('anatomy_score')} |"
         )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
@@ -271,6 +307,8 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     from PIL import Image, ImageDraw
 
     metrics = [
+        "anatomy_score",
+        "reconstruction_psnr",
         "frechet_distance",
         "ms_ssim",
         "nearest_train_rmse_median",

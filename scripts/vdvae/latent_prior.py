@@ -68,6 +68,14 @@ class LatentPCAPrior(nn.Module):
         basis = (s[:k] / (len(data) - 1) ** 0.5)[:, None] * vt[:k]
         return cls(shapes, mean, basis)
 
+    def marginal(self, groups: int) -> LatentPCAPrior:
+        """The prior of the first ``groups`` groups alone: the exact marginal of this Gaussian (its mean and basis
+        columns of those groups), so one fit to the finest groups serves every coarser cut."""
+        if not 1 <= groups <= len(self.shapes):
+            raise ValueError(f"groups must be in [1, {len(self.shapes)}], got {groups}")
+        d = sum(self.sizes[:groups])
+        return LatentPCAPrior(self.shapes[:groups], self.mean[:d].clone(), self.basis[:, :d].clone())
+
     def sample_latents(self, n: int, temperature: float = 1.0) -> list[torch.Tensor]:
         """``n`` draws, split into the groups' latents [(n, Z, r, r, r)], top first."""
         coeffs = torch.randn(n, self.basis.shape[0], device=self.basis.device) * temperature

@@ -456,6 +456,12 @@ class VDVAE(nn.Module):
         output_activation_function: "tanh" (reference) or "identity" for the output mean.
         predict_x_scale: learn the per-voxel output scale; when false it is fixed at ``fixed_x_scale``.
         fixed_x_scale: output scale used when ``predict_x_scale`` is false.
+        shared_x_scale: with ``predict_x_scale``, one output scale per image channel shared by every voxel instead of
+            a per-voxel scale (the optimal sigma-VAE, Rybkin et al. 2021): a buffer that each training pass moves to
+            the batch's root-mean-square error of the output mean (momentum 0.1, within
+            ``scale_output_clamp_bounds``), so it is a fixed model parameter at evaluation and the ELBO stays a proper
+            bound. A per-voxel scale lets the decoder call fine structure noise and blur it; a shared one cannot.
+            The reference has a per-voxel scale (False).
         temperature_mode: how a sampling temperature T acts on each prior draw: "latent" (reference) multiplies the
             whole latent, z = T * (mu_p + sigma_p * eps), so T -> 0 shrinks every latent to 0; "std" (Child 2021)
             scales only the spread, z = mu_p + T * sigma_p * eps, so T -> 0 follows the prior means.
@@ -484,6 +490,7 @@ class VDVAE(nn.Module):
         output_activation_function: str = "tanh",
         predict_x_scale: bool = True,
         fixed_x_scale: float = 0.1,
+        shared_x_scale: bool = False,
         temperature_mode: str = "latent",
         full_resolution_residual: bool = False,
         activation_checkpointing: bool = False,
@@ -509,6 +516,7 @@ class VDVAE(nn.Module):
         self.output_tanh = output_activation_function == "tanh"
         self.predict_x_scale = bool(predict_x_scale)
         self.fixed_x_scale = float(fixed_x_scale)
+        self.shared_x_scale = bool(shared_x_scale) and self.predict_x_scale
         self.temperature_mode = temperature_mode
         self.out_lo, self.out_hi = float(scale_output_clamp_bounds[0]), float(scale_output_clamp_bounds[1])
         self.top_channels = channels_top_down[-1]
@@ -524,6 +532,8 @@ class VDVAE(nn.Module):
         bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
         self._build_decoder(lists, bounds, last_scale, full_resolution_residual)
         self.output_head = OutputHead(channels_top_down[0], in_channels)
+        if self.shared_x_scale:  # starts at the top of the bounds; the first training passes bring it down
+            self.register_buffer("x_scale", torch.full((in_channels,), min(self.out_hi, 1.0)))
         self._zero_biases()
         self.set_activation_checkpointing(activation_checkpointing)
 
@@ -647,7 +657,9 @@ class VDVAE(nn.Module):
         out = self.output_head(h).float()
         mean = out[:, : self.in_channels]
         mean = torch.tanh(mean) if self.output_tanh else mean
-        if self.predict_x_scale:
+        if self.shared_x_scale:
+            scale = self.x_scale.view(1, -1, 1, 1, 1).expand_as(mean)
+        elif self.predict_x_scale:
             scale = self.out_lo + (self.out_hi - self.out_lo) * torch.sigmoid(out[:, self.in_channels :])
         else:
             scale = torch.full_like(mean, self.fixed_x_scale)
@@ -716,7 +728,17 @@ class VDVAE(nn.Module):
         """Training pass with posterior samples: output mean and scale (B, C, R, R, R), KL per group (B, G)."""
         self._check_input(x)
         mean, scale, kls = self.decode(self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=True)
+        if self.shared_x_scale and self.training:
+            scale = self._update_shared_scale(x, mean)
         return mean, scale, torch.stack(kls, dim=1)
+
+    @torch.no_grad()
+    def _update_shared_scale(self, x: torch.Tensor, mean: torch.Tensor, momentum: float = 0.1) -> torch.Tensor:
+        """Moves the shared output scale (C,) towards the batch's RMS error per channel; returns it expanded like
+        ``mean`` (no gradient: the scale is fitted in closed form, not by the optimiser)."""
+        rmse = (x.float() - mean.float()).pow(2).transpose(0, 1).flatten(1).mean(1).sqrt()
+        self.x_scale.lerp_(rmse.clamp(self.out_lo, self.out_hi), momentum)
+        return self.x_scale.view(1, -1, 1, 1, 1).expand_as(mean)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator_seed: int | None = None) -> torch.Tensor:
