@@ -21,6 +21,7 @@ from monai.metrics import MultiScaleSSIMMetric
 from monai.transforms import LoadImage
 from PIL import Image
 
+from scripts.engine.anatomy import AnatomyScore
 from scripts.engine.evaluation import RandomFeatureNet, ms_ssim_parameters
 from scripts.engine.generate_synthetic_data import generate_synthetic_data
 from scripts.engine.sampling import SampleRequests, SamplingEvaluator
@@ -240,6 +241,16 @@ def test_evaluate_report(trained, tmp_path):
     assert nearest.min() > 0
     assert got["min"] == pytest.approx(nearest.min(), abs=1e-4) and got["max"] == pytest.approx(nearest.max(), abs=1e-4)
     assert got["mean"] == pytest.approx(nearest.mean(), abs=1e-4)
+
+    # anatomy: the held-out figure is the anatomy score of the preprocessed held-out volumes; every set has one
+    anatomy = report["anatomy"]
+    expected = AnatomyScore(16).score_all(torch.from_numpy(held.reshape(-1, 1, 16, 16, 16)).float())
+    assert anatomy["heldout"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-3)
+    assert set(anatomy["samples"]) == {"0.5", "1"}
+    assert anatomy["samples"]["1"] == report["samples"]["1"]["anatomy_score"]
+    assert {"heldout_blurred_0.5_voxel", "heldout_blurred_1_voxel", "heldout_blurred_1.5_voxel"} <= set(anatomy)
+    assert np.isfinite(anatomy["reconstructions"]["mean"])
+    assert 0.0 <= rec["blur_equivalent_sigma_voxels"]["median"] <= 3.0
 
 
 def test_evaluate_heldout_inside_train_is_flagged(trained, tmp_path):

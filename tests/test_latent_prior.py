@@ -125,3 +125,22 @@ def test_posthoc_prior_model_is_the_vdvae_but_for_sampling():
     assert torch.equal(wrapped.reconstruct(x, 4), net.reconstruct(x, 4))
     with pytest.raises(AttributeError):
         wrapped.no_such_attribute
+
+
+def test_auto_sampler_follows_the_comparison_made_after_training(net_and_data, tmp_path):
+    from scripts.vdvae.latent_prior import choose_sampler, latent_prior_path, save_latent_prior, with_latent_prior
+
+    net, x = net_and_data
+    prior = LatentPCAPrior.fit(net, x, 4)
+    choice = choose_sampler(net, prior, num_samples=4)
+    scores = choice["anatomy_score"]
+    assert set(scores) == {"posthoc", "learned"} and choice["num_samples"] == 4
+    assert choice["sampler"] == ("learned" if scores["learned"] > scores["posthoc"] else "posthoc")
+    model = str(tmp_path / "model.pt")
+    for sampler, auto_type in (("learned", VDVAE), ("posthoc", PosthocPriorVDVAE)):
+        save_latent_prior(prior, latent_prior_path(model), 4, {**choice, "sampler": sampler})
+        assert type(with_latent_prior(net, model, "auto")) is auto_type
+        assert type(with_latent_prior(net, model, True)) is PosthocPriorVDVAE  # an explicit choice wins
+        assert with_latent_prior(net, model, False) is net
+    with pytest.raises(ValueError, match="use_latent_prior"):
+        with_latent_prior(net, model, "yes")

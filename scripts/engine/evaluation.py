@@ -18,6 +18,10 @@ samples per temperature:
   randomly initialised 3D convolutional network (no weights are downloaded): the figures are comparable only
   between evaluations of this bundle (same feature network, preprocessing and resolution), not with FIDs
   from the literature;
+* anatomy (:mod:`scripts.engine.anatomy`): tissue contrast in the MNI152 tissue regions after an affine alignment to
+  a brain template (1 = the template), of the held-out volumes, of their Gaussian blurs by 0.5, 1 and 1.5 voxels (the
+  figures to beat), of the reconstructions and of the samples; and each reconstruction's blur-equivalent sigma (the
+  Gaussian blur of its input with the same PSNR);
 * memorisation: each sample's distance (RMSE on the [-1, 1] scale) to its nearest training volume, next to the
   same distance for the held-out volumes;
 * time per sample (seconds, wall clock, batch of ``batch_size``).
@@ -45,6 +49,7 @@ from monai.data import DataLoader, Dataset
 from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from torch import nn
 
+from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur
 from scripts.engine.data import check_nifti_header, find_niftis, make_dataset
 from scripts.engine.generator import require_generator
 from scripts.engine.sampling import check_sampling_options
@@ -345,6 +350,7 @@ def evaluate(
     cache: str = "none",
     num_workers: int = 0,
     sources: dict | None = None,
+    anatomy_template: str | None = None,
 ) -> dict:
     """Evaluates ``network`` and writes ``output_dir/report.json`` and ``output_dir/report.png``.
 
@@ -368,6 +374,8 @@ def evaluate(
         cache: "none", "memory" or "disk" caching of the preprocessed training set (see ``make_dataset``).
         num_workers: DataLoader workers.
         sources: where the file lists came from, copied into the report.
+        anatomy_template: a skull-stripped template of the data's contrast in MNI152 space for the anatomy score
+            (None: nilearn's MNI152 T1 brain; see :mod:`scripts.engine.anatomy`).
     """
     temps = _check_inputs(num_samples, temperature, heldout_files, train_files)
     train_shapes = check_shapes_match(heldout_files, train_files) if check_shapes else None
@@ -388,8 +396,9 @@ def evaluate(
     logger.info(
         f"evaluation: {len(heldout_files)} held-out volumes (likelihood, reconstructions, nearest training volumes)"
     )
+    anatomy = AnatomyScore(int(network.resolution), anatomy_template, device=device)
     torch.manual_seed(seed)
-    held = _heldout_pass(network, loader(heldout_files), space, device, amp, diversity_samples)
+    held = _heldout_pass(network, loader(heldout_files), space, device, amp, diversity_samples, anatomy)
     ms_params = ms_ssim_parameters(network.resolution)
     n_eq = min(num_samples, held["z"].shape[0])
     report: dict = {
@@ -407,6 +416,13 @@ def evaluate(
             **held["reconstruction"],
             "note": network.reconstruction_note()
             + " vs the preprocessed inputs, intensities mapped from [-1, 1] to [0, 1] (data range 1)",
+        },
+        "anatomy": {
+            "heldout": summary(held["anatomy"]["heldout"]),
+            **{f"heldout_blurred_{s:g}_voxel": summary(v) for s, v in held["anatomy"]["blurred"].items()},
+            "reconstructions": summary(held["anatomy"]["reconstructions"]),
+            "samples": {},
+            "template": anatomy_template or "MNI152 2009 T1 (nilearn)",
         },
         "ms_ssim_parameters": ms_params,
         "feature_network": FEATURE_NETWORK + "; comparable only between evaluations of this bundle",
@@ -440,19 +456,32 @@ def evaluate(
             ms_params,
             n_eq,
             train_files,
+            anatomy,
         )
+        report["anatomy"]["samples"][f"{t:g}"] = section["anatomy_score"]
         section["fraction_closer_than_closest_heldout"] = float((dist < held["distances"].min()).mean())
         report["samples"][f"{t:g}"] = section
         shown[f"samples T={t:g}"], distances[f"samples T={t:g}"] = first, dist
     report["notes"] = NOTES
+    a = report["anatomy"]
+    means = {"held-out": a["heldout"], "reconstructions": a["reconstructions"]}
+    means.update({f"samples T={t}": v for t, v in a["samples"].items()})
+    shown = {f"{k} (anatomy {means[k]['mean']:.2f})" if k in means else k: v for k, v in shown.items()}
     return _write_report(report, shown, distances, output_dir)
 
 
 def _heldout_pass(
-    network: nn.Module, loader: DataLoader, space: _FeatureSpace, device: torch.device, amp: str, diversity_samples: int
+    network: nn.Module,
+    loader: DataLoader,
+    space: _FeatureSpace,
+    device: torch.device,
+    amp: str,
+    diversity_samples: int,
+    anatomy: AnatomyScore,
 ) -> dict:
-    """One pass over the held-out volumes: the family's likelihood terms, PSNR/SSIM of the reconstructions,
-    standardised features, the diversity set, the volumes shown and the distances to the nearest training volume."""
+    """One pass over the held-out volumes: the family's likelihood terms, PSNR/SSIM and blur-equivalent sigma of the
+    reconstructions, anatomy scores (held-out, blurred held-out, reconstructions), standardised features, the
+    diversity set, the volumes shown and the distances to the nearest training volume."""
     resolution = int(network.resolution)
     ssim_kernel = min(7, resolution - (1 - resolution % 2))
     psnr, ssim = (
@@ -461,6 +490,8 @@ def _heldout_pass(
     )
     terms: dict[str, list[torch.Tensor]] = {}
     feats, diversity, shown, nearest = [], [], {"held-out": [], "reconstructions": []}, space.nearest()
+    scores: dict = {"heldout": [], "reconstructions": [], "blurred": {s: [] for s in BLURS}}
+    sigmas = []
     with torch.no_grad():
         for batch in loader:
             x = _image(batch).to(device).float()
@@ -474,6 +505,11 @@ def _heldout_pass(
                 recon = network(x).float()
             psnr(_to_unit(recon), _to_unit(x))
             ssim(_to_unit(recon), _to_unit(x))
+            sigmas.append(blur_equivalent_sigma(x, recon))
+            scores["heldout"].append(anatomy(x).numpy())
+            scores["reconstructions"].append(anatomy(recon).numpy())
+            for s in BLURS:
+                scores["blurred"][s].append(anatomy(gaussian_blur(x, s)).numpy())
             feats.append(space.features(x))
             _keep(diversity, x, diversity_samples)
             _keep(shown["held-out"], x, 4)
@@ -487,6 +523,12 @@ def _heldout_pass(
             "ssim": float(ssim.aggregate().item()),
             "ssim_kernel_size": ssim_kernel,
             "ssim_kernel_sigma": 1.5,
+            "blur_equivalent_sigma_voxels": summary(np.concatenate(sigmas)),
+        },
+        "anatomy": {
+            "heldout": np.concatenate(scores["heldout"]),
+            "reconstructions": np.concatenate(scores["reconstructions"]),
+            "blurred": {s: np.concatenate(v) for s, v in scores["blurred"].items()},
         },
         "z": space.standardise(torch.cat(feats)),
         "diversity": diversity,
@@ -508,10 +550,11 @@ def _sample_pass(
     ms_params: dict | None,
     n_eq: int,
     train_files: Sequence[str],
+    anatomy: AnatomyScore,
 ) -> tuple[dict, list[torch.Tensor], np.ndarray]:
     """``num_samples`` samples at temperature ``t`` (batch b seeded ``seed + b``): the report's section, the first
     four samples and every sample's distance to its nearest training volume."""
-    feats, diversity, nearest, first, seconds = [], [], space.nearest(), [], 0.0
+    feats, diversity, nearest, first, seconds, scores = [], [], space.nearest(), [], 0.0, []
     with torch.no_grad():
         for b, start in enumerate(range(0, num_samples, batch_size)):
             torch.manual_seed(seed + b)
@@ -520,6 +563,7 @@ def _sample_pass(
                 s = network.sample(min(batch_size, num_samples - start), t).float()
             seconds += time.perf_counter() - tic
             feats.append(space.features(s))
+            scores.append(anatomy(s).numpy())
             _keep(diversity, s, diversity_samples)
             _keep(first, s, 4)
             nearest.add(s)
@@ -531,6 +575,7 @@ def _sample_pass(
         **_diversity(diversity, ms_params),
         **space.distribution(space.standardise(torch.cat(feats)), n_eq),
         "nearest_train_rmse": summary(dist),
+        "anatomy_score": summary(np.concatenate(scores)),
         "closest_samples": [
             {"sample": int(i), "rmse": float(dist[i]), "nearest_train_volume": train_files[nearest_idx[i]]}
             for i in np.argsort(dist)[:5]
@@ -544,7 +589,16 @@ def _diversity(volumes: list[torch.Tensor], ms_params: dict | None) -> dict:
     return {"diversity_mean_pairwise_ms_ssim": value, "diversity_pairs": pairs}
 
 
+BLURS = (0.5, 1.0, 1.5)  # voxels: the blurred held-out volumes whose anatomy scores are the figures to beat
+
 NOTES = {
+    "anatomy": (
+        "scripts.engine.anatomy: after an affine registration to the template, the tissue contrast (CSF / grey / white "
+        "matter means in MNI152's tissue regions, background 0, brain 1) relative to the template's (1 = the template); "
+        "blurs lower it, noise does not lift it; the held-out volumes' score (not 1) is what samples and reconstructions "
+        "should reach, and the blurred held-out scores place them on a blur scale"
+    ),
+    "blur_equivalent_sigma": "sigma (voxels) of the Gaussian blur of each input with the reconstruction's PSNR",
     "diversity": "mean MS-SSIM over all pairs of the first `diversity_samples` volumes; lower = more diverse; compare samples with real",
     "distribution_metrics": (
         "Frechet distance (MONAI FIDMetric) and MMD^2 (MONAI MMDMetric, unbiased, Gaussian kernel of bandwidth the median "

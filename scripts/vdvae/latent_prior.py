@@ -117,13 +117,20 @@ def latent_prior_path(model_path: str) -> str:
     return os.path.splitext(model_path)[0] + "_latent_prior.pt"
 
 
-def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int) -> str:
+def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int, choice: dict | None = None) -> str:
+    """Writes the prior (atomically) with ``choice``, the sampler comparison of :func:`choose_sampler`."""
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(
-        {"shapes": prior.shapes, "mean": prior.mean, "basis": prior.basis, "down_to_resolution": down_to_resolution},
+        {
+            "shapes": prior.shapes,
+            "mean": prior.mean,
+            "basis": prior.basis,
+            "down_to_resolution": down_to_resolution,
+            "choice": choice,
+        },
         tmp,
     )
     os.replace(tmp, path)
@@ -149,22 +156,58 @@ def fit_after_training(
     )  # not the training instance
     volumes = preprocess_volumes(train_files, preprocessing)
     prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
-    path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution)
+    choice = choose_sampler(vae, prior)
+    path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution, choice)
     logging.getLogger(__name__).info(
-        f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): {path}"
+        f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): "
+        f"{path}; sampler by default: {choice['sampler']} (mean anatomy score of {choice['num_samples']} samples at "
+        f"T = 1: {choice['anatomy_score']})"
     )
     return path
 
 
-def with_latent_prior(vae: VDVAE, model_path: str, use: bool = True) -> nn.Module:
-    """``vae`` wrapped in :class:`PosthocPriorVDVAE` when ``use`` and a post-hoc prior lies next to ``model_path``;
-    ``vae`` itself otherwise."""
+SAMPLERS = ("posthoc", "learned")
+
+
+@torch.no_grad()
+def choose_sampler(vae: VDVAE, prior: LatentPCAPrior, num_samples: int = 16, seed: int = 0) -> dict:
+    """Which sampler ``inference.json`` and ``evaluate.json`` use by default (``use_latent_prior`` "auto"): the one
+    whose ``num_samples`` samples at T = 1 have the higher mean anatomy score (:mod:`scripts.engine.anatomy`), the
+    post-hoc prior on a tie. Returns {"sampler", "anatomy_score": {"posthoc", "learned"}, "num_samples", "seed"}."""
+    from scripts.engine.anatomy import AnatomyScore
+
+    if vae.resolution < 8:  # too small for the anatomy score: keep the post-hoc prior
+        return {"sampler": "posthoc", "anatomy_score": None, "num_samples": 0, "seed": seed}
+    score = AnatomyScore(vae.resolution)
+    scores = {}
+    for name, generator in (("posthoc", PosthocPriorVDVAE(vae, prior)), ("learned", vae)):
+        torch.manual_seed(seed)
+        samples = torch.cat([generator.sample(min(8, num_samples - i), 1.0) for i in range(0, num_samples, 8)])
+        scores[name] = float(score.score_all(samples.float()).mean())
+    sampler = "learned" if scores["learned"] > scores["posthoc"] else "posthoc"
+    return {"sampler": sampler, "anatomy_score": scores, "num_samples": num_samples, "seed": seed}
+
+
+def with_latent_prior(vae: VDVAE, model_path: str, use: bool | str = "auto") -> nn.Module:
+    """``vae`` wrapped in :class:`PosthocPriorVDVAE` when a post-hoc prior lies next to ``model_path`` and ``use`` is
+    True, or "auto" and the training's comparison (:func:`choose_sampler`) chose it; ``vae`` itself otherwise."""
+    import logging
     import os
 
+    if use not in (True, False, "auto"):
+        raise ValueError(f"use_latent_prior must be true, false or 'auto', got {use!r}")
     path = latent_prior_path(model_path)
     if not use or not os.path.isfile(path):
         return vae
     state = torch.load(path, map_location=vae.output_head.conv.weight.device, weights_only=True)
+    choice = state.get("choice")
+    if use == "auto" and choice is not None:
+        logging.getLogger(__name__).info(
+            f"sampler: {choice['sampler']}, the better anatomy score after training {choice['anatomy_score']} "
+            "(use_latent_prior true / false overrides)"
+        )
+        if choice["sampler"] == "learned":
+            return vae
     prior = LatentPCAPrior(state["shapes"], state["mean"], state["basis"])
     expected = [[b.latent_channels, r, r, r] for b, r in zip(vae.decoder_blocks, vae.group_resolutions())][
         : len(prior.shapes)
