@@ -340,7 +340,7 @@ def test_anomaly_overlays_run_through_monai_bundle(tmp_path):
     # b on the training grid
     _save(_phantom(TRAIN_AFFINE, (R,) * 3, (3.0, 0.0, 0.0)), TRAIN_AFFINE, str(folder / "b.nii.gz"))
     arch = tiny_architecture(R)
-    model = _model(tmp_path, VDVAE(R, **arch))
+    model = _model(tmp_path, VDVAE(R, **arch, shared_x_scale=True))  # train.json's output scale
     out = tmp_path / "vdvae"
     proc = run_bundle(
         {

@@ -58,7 +58,7 @@ def test_train_writes_model_and_resumable_checkpoint_then_resumes(tmp_path, nift
     run_bundle(opts)
     model_path = os.path.join(out, "model.pt")
     state = torch.load(model_path, weights_only=True)
-    net = VDVAE(16, **tiny_architecture(16))
+    net = VDVAE(16, **tiny_architecture(16), shared_x_scale=True)
     net.load_state_dict(state)  # a plain state dict of network_def
     ckpt = latest_checkpoint(os.path.join(out, "checkpoints"))
     assert ckpt is not None
@@ -185,6 +185,7 @@ def test_presets_reproduce_reference_examples(preset, resolution, batch):
         "l2_reg_coeff": 1e-4,
         "temperature_mode": "latent",
         "full_resolution_residual": False,
+        "shared_x_scale": False,
         "augment": True,
         "latent_prior_resolution": 0,
     }

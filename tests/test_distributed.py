@@ -274,7 +274,7 @@ def test_resume_and_nan_skip_under_ddp_then_one_device_and_inference(ddp_run, tm
     assert "written with 1 iterations per epoch but this run has 2" in str(err.value.__cause__)
 
     # and its weights load into a plain network, as configs/inference.json does
-    net = VDVAE(16, **tiny_architecture(16))
+    net = VDVAE(16, **tiny_architecture(16), shared_x_scale=True)
     net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
     net.load_state_dict(final["network"])
     assert net.sample(1, 0.5).shape == (1, 1, 16, 16, 16)

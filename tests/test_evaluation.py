@@ -75,7 +75,8 @@ def trained(tmp_path_factory, nifti_dir) -> dict:
         workflow.finalize()
     finally:
         os.chdir(cwd)
-    net = VDVAE(**ARCH, full_resolution_residual=True)  # train.json's default (the class default is the reference's)
+    # train.json's defaults (the class defaults are the reference's)
+    net = VDVAE(**ARCH, full_resolution_residual=True, shared_x_scale=True)
     net.load_state_dict(torch.load(os.path.join(out, "model.pt"), weights_only=True))
     return {
         "run_dir": out,

@@ -270,3 +270,29 @@ def test_full_resolution_residual_option(option):
     block = full_res[0]
     expected = block.out(block.stack(x)) + (x if option else 0)
     torch.testing.assert_close(block(x), expected)
+
+
+def test_shared_output_scale_follows_the_rms_error_in_training_only(tmp_path):
+    torch.manual_seed(0)
+    net = VDVAE(8, **tiny_architecture(8), shared_x_scale=True, scale_output_clamp_bounds=(0.01, 1.0))
+    assert "x_scale" in net.state_dict() and "x_scale" not in VDVAE(8, **tiny_architecture(8)).state_dict()
+    x = torch.rand(3, 1, 8, 8, 8) * 2 - 1
+    net.train()
+    mean, scale, _ = net.forward_train(x)
+    rmse = float((x - mean).pow(2).mean().sqrt())
+    assert float(net.x_scale) == pytest.approx(0.9 * 1.0 + 0.1 * rmse, rel=1e-5)  # momentum 0.1 from 1.0
+    assert torch.all(scale == net.x_scale)  # one scale for every voxel
+    for _ in range(200):
+        mean, _, _ = net.forward_train(x)
+    assert float(net.x_scale) == pytest.approx(float((x - mean).pow(2).mean().sqrt()), rel=0.05)
+    frozen = float(net.x_scale)
+    net.eval()
+    terms = net.elbo(x)  # evaluation uses the fitted scale and leaves it alone: a proper bound
+    assert float(net.x_scale) == frozen and torch.isfinite(terms["neg_elbo_nats"]).all()
+    # weights of the other output scale are named as such
+    from scripts.engine.sampling import load_weights
+
+    path = str(tmp_path / "per_voxel.pt")
+    torch.save(VDVAE(8, **tiny_architecture(8)).state_dict(), path)
+    with pytest.raises(ValueError, match="per-voxel output scale; pass --shared_x_scale false"):
+        load_weights(net, path, "cpu")

@@ -64,6 +64,13 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
         raise ValueError(
             f"{path}: expected a state dict of network_def (models/model.pt), got a {type(state).__name__}"
         )
+    expected = set(network.state_dict())
+    if (("x_scale" in expected) != ("x_scale" in state)) and expected ^ set(state) == {"x_scale"}:
+        trained = "a per-voxel" if "x_scale" not in state else "a shared"
+        raise ValueError(
+            f"{path}: weights trained with {trained} output scale; pass --shared_x_scale "
+            f"{'false' if 'x_scale' not in state else 'true'} (train.json's default is shared since 3.0.0)"
+        )
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
