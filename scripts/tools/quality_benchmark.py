@@ -415,12 +415,15 @@ def main(
     overrides: dict | None = None,
     vq_overrides: dict | None = None,
     keep_rows_from: str | None = None,
+    measure_points: int | list[int] | None = None,
 ) -> dict:
     """Runs the VQ family (for ``vq_seeds``, default ``seeds``) and then every recipe for every seed, measures the
     snapshots and writes the report (see module doc) after each run.
     ``overrides`` apply to every VDVAE run (e.g. ``{"dataset_dir": "/data/t1"}``), ``vq_overrides`` to both VQ stages.
     ``keep_rows_from``: a results file of an earlier run (e.g. ``docs/quality.json``) whose rows of the runs not
-    measured now are kept in the report, so that recipes can be added one invocation at a time."""
+    measured now are kept in the report, so that recipes can be added one invocation at a time.
+    ``measure_points``: indices of the time points to measure (default all), e.g. ``[2]`` to measure only the last
+    snapshot at other temperatures."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     as_list = lambda v: [v] if isinstance(v, (int, float, str)) else list(v)  # noqa: E731
     recipes, seeds, temperatures = (
@@ -473,6 +476,8 @@ def main(
             ref = Reference(parser)
             reals.append(ref.real)
             for i, t in enumerate(times):
+                if measure_points is not None and i not in as_list(measure_points):
+                    continue
                 snap = torch.load(os.path.join(run, "snapshots", f"snapshot_{t:g}s.pt"), weights_only=False)
                 logger.info(f"measuring {recipe}, seed {seed}, {snap['elapsed_s']:.0f} s")
                 common = {
