@@ -289,10 +289,16 @@ def test_shared_output_scale_follows_the_rms_error_in_training_only(tmp_path):
     net.eval()
     terms = net.elbo(x)  # evaluation uses the fitted scale and leaves it alone: a proper bound
     assert float(net.x_scale) == frozen and torch.isfinite(terms["neg_elbo_nats"]).all()
+    net.train()  # a non-finite batch (whose update the trainer skips) leaves the scale alone too
+    net.forward_train(torch.full_like(x, float("nan")))
+    assert float(net.x_scale) == frozen
+    # 'false' from the command line is refused, not read as true
+    with pytest.raises(ValueError, match="shared_x_scale must be True or False, got 'false'"):
+        VDVAE(8, **tiny_architecture(8), shared_x_scale="false")
     # weights of the other output scale are named as such
     from scripts.engine.sampling import load_weights
 
     path = str(tmp_path / "per_voxel.pt")
     torch.save(VDVAE(8, **tiny_architecture(8)).state_dict(), path)
-    with pytest.raises(ValueError, match="per-voxel output scale; pass --shared_x_scale false"):
+    with pytest.raises(ValueError, match="per-voxel output scale; pass --shared_x_scale False"):
         load_weights(net, path, "cpu")

@@ -141,7 +141,8 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
         torch.load(str(tmp_path / f"runs/{r}/seed0/snapshots/snapshot_3s.pt"), weights_only=False)["network"]
         for r in ("default", "reference")
     ]
-    assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0])
+    assert "x_scale" in snaps[0] and "x_scale" not in snaps[1]  # the default shares one output scale, the reference not
+    assert any(not torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[1])
     # a rerun reuses the finished runs (same overrides and times) and measures them again
     log = tmp_path / "runs/default/seed0/train.log"
     stamp = log.stat().st_mtime

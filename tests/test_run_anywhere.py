@@ -106,7 +106,7 @@ def test_consumers_build_their_network_from_their_own_keys(tmp_path, monkeypatch
         assert preset.get_parsed_content("channels_hidden") == [20, 40, 60, 80, 100, 120, 140]
         net = parser_for([config], **ARCH).get_parsed_content("network_def")
         shapes = {k: v.shape for k, v in net.state_dict().items()}
-        assert shapes == {k: v.shape for k, v in VDVAE(**ARCH).state_dict().items()}
+        assert shapes == {k: v.shape for k, v in VDVAE(**ARCH, shared_x_scale=True).state_dict().items()}
     preprocessing = parser_for(["evaluate.json"], resolution=16).get_parsed_content("preprocessing")
     volume = preprocessing({"image": _volume(tmp_path)})["image"]
     assert tuple(volume.shape) == (1, 16, 16, 16)

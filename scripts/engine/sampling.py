@@ -69,7 +69,7 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
         trained = "a per-voxel" if "x_scale" not in state else "a shared"
         raise ValueError(
             f"{path}: weights trained with {trained} output scale; pass --shared_x_scale "
-            f"{'false' if 'x_scale' not in state else 'true'} (train.json's default is shared since 3.0.0)"
+            f"{'False' if 'x_scale' not in state else 'True'} (train.json's default is shared since 3.0.0)"
         )
     try:
         network.load_state_dict(state)

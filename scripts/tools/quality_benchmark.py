@@ -568,6 +568,7 @@ def _report(
         "real_per_seed": reals,
         "rows": rows,
     }
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(os.path.splitext(output)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1)
     write_report(results, output, figure)

@@ -421,9 +421,18 @@ class OutputHead(nn.Module):
 
 
 def _check_options(
-    activation: str, temperature_mode: str, hidden_bounds: Sequence[float], output_bounds: Sequence[float]
+    activation: str,
+    temperature_mode: str,
+    hidden_bounds: Sequence[float],
+    output_bounds: Sequence[float],
+    flags: dict[str, object] | None = None,
 ) -> None:
-    """Raises ValueError naming the first VDVAE option (other than the per-level lists) with a value it cannot take."""
+    """Raises ValueError naming the first VDVAE option (other than the per-level lists) with a value it cannot take.
+    ``flags`` are the boolean options by name: a string such as ``'false'`` (what the command line gives for
+    ``--option false``) is refused rather than read as true."""
+    for name, value in (flags or {}).items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r} (on the command line write True or False)")
     if activation not in ("tanh", "identity"):
         raise ValueError(f"output_activation_function must be 'tanh' or 'identity', got {activation!r}")
     if temperature_mode not in TEMPERATURE_MODES:
@@ -507,8 +516,15 @@ class VDVAE(nn.Module):
             kernel_sizes_top_down=kernel_sizes_top_down,
         )
         validate_architecture(resolution, **lists)
+        flags = dict(
+            convolutional_downsampling=convolutional_downsampling,
+            predict_x_scale=predict_x_scale,
+            shared_x_scale=shared_x_scale,
+            full_resolution_residual=full_resolution_residual,
+            activation_checkpointing=activation_checkpointing,
+        )
         _check_options(
-            output_activation_function, temperature_mode, scale_hidden_clamp_bounds, scale_output_clamp_bounds
+            output_activation_function, temperature_mode, scale_hidden_clamp_bounds, scale_output_clamp_bounds, flags
         )
         self.resolution = int(resolution)
         self.in_channels = int(in_channels)
@@ -532,8 +548,9 @@ class VDVAE(nn.Module):
         bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
         self._build_decoder(lists, bounds, last_scale, full_resolution_residual)
         self.output_head = OutputHead(channels_top_down[0], in_channels)
-        if self.shared_x_scale:  # starts at the top of the bounds; the first training passes bring it down
-            self.register_buffer("x_scale", torch.full((in_channels,), min(self.out_hi, 1.0)))
+        # the shared output scale (C,) starts at the top of the bounds and the first training passes bring it down; it is
+        # saved with the weights only when it is used (TorchScript needs the attribute either way)
+        self.register_buffer("x_scale", torch.full((in_channels,), min(self.out_hi, 1.0)), persistent=self.shared_x_scale)
         self._zero_biases()
         self.set_activation_checkpointing(activation_checkpointing)
 
@@ -735,9 +752,16 @@ class VDVAE(nn.Module):
     @torch.no_grad()
     def _update_shared_scale(self, x: torch.Tensor, mean: torch.Tensor, momentum: float = 0.1) -> torch.Tensor:
         """Moves the shared output scale (C,) towards the batch's RMS error per channel; returns it expanded like
-        ``mean`` (no gradient: the scale is fitted in closed form, not by the optimiser)."""
-        rmse = (x.float() - mean.float()).pow(2).transpose(0, 1).flatten(1).mean(1).sqrt()
-        self.x_scale.lerp_(rmse.clamp(self.out_lo, self.out_hi), momentum)
+        ``mean`` (no gradient: the scale is fitted in closed form, not by the optimiser). Under torch.distributed the
+        mean squared error is averaged over the processes, so every replica keeps the same scale; a non-finite error
+        (on any process) leaves the scale as it was, like the skipped update of the weights."""
+        mse = (x.float() - mean.float()).pow(2).transpose(0, 1).flatten(1).mean(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mse)
+            mse = mse / torch.distributed.get_world_size()
+        target = mse.sqrt().clamp(self.out_lo, self.out_hi)
+        finite = torch.isfinite(mse).all()
+        self.x_scale.copy_(torch.where(finite, torch.lerp(self.x_scale, target, momentum), self.x_scale))
         return self.x_scale.view(1, -1, 1, 1, 1).expand_as(mean)
 
     @torch.no_grad()

@@ -159,6 +159,12 @@ def convert(
     for key, value in override.items():
         parser[key] = value
     net = parser.get_parsed_content("network_def")
+    if net.shared_x_scale:
+        raise ValueError(
+            f"{config_file}: network_def has shared_x_scale true, but the reference's models predict a per-voxel output "
+            "scale: add --shared_x_scale False (the presets configs/vdvae_*.json set it), and pass the same option to "
+            "inference.json, evaluate.json and reconstruct.json"
+        )
     checkpoint = torch.load(reference_checkpoint, map_location="cpu", weights_only=False)
     state = convert_reference_state_dict(checkpoint, net, source=reference_checkpoint)
     net.load_state_dict(state)
