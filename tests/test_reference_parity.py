@@ -221,5 +221,7 @@ def test_converter_command_line(fixture, tmp_path, zero_noise):
         cmd[: -len(overrides) - 1], cwd=ROOT, capture_output=True, text=True, timeout=300
     )  # train.json's 32^3 architecture
     assert bad.returncode != 0 and "has shape" in bad.stderr and "another architecture" in bad.stderr
-    unshared = subprocess.run([c for c in cmd if c != "--shared_x_scale=False"], cwd=ROOT, capture_output=True, text=True)
+    unshared = subprocess.run(
+        [c for c in cmd if c != "--shared_x_scale=False"], cwd=ROOT, capture_output=True, text=True
+    )
     assert unshared.returncode != 0 and "add --shared_x_scale False" in unshared.stderr

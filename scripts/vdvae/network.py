@@ -550,7 +550,9 @@ class VDVAE(nn.Module):
         self.output_head = OutputHead(channels_top_down[0], in_channels)
         # the shared output scale (C,) starts at the top of the bounds and the first training passes bring it down; it is
         # saved with the weights only when it is used (TorchScript needs the attribute either way)
-        self.register_buffer("x_scale", torch.full((in_channels,), min(self.out_hi, 1.0)), persistent=self.shared_x_scale)
+        self.register_buffer(
+            "x_scale", torch.full((in_channels,), min(self.out_hi, 1.0)), persistent=self.shared_x_scale
+        )
         self._zero_biases()
         self.set_activation_checkpointing(activation_checkpointing)
 
