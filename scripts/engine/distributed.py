@@ -112,9 +112,14 @@ def start_process_group(device: torch.device) -> bool:
 
 
 def end_process_group() -> bool:
-    """Destroys the default process group if there is one (the last ``finalize`` step of the training configs).
-    Returns True."""
+    """Waits for every rank, then destroys the default process group if there is one (the last ``finalize`` step of
+    the training configs). Returns True.
+
+    The barrier keeps a rank that finishes early (rank 0 still saves checkpoints and writes tokens) from tearing down
+    its Gloo connections under a peer that still uses them, which aborts that peer ("terminate called without an
+    active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     return True
 
