@@ -12,7 +12,7 @@ else), and figures are medians. Peak memory of one training step is taken in a f
 resident set, or CUDA max allocated). The training and sampling sections run in this process with the allocator
 setting of train.json and inference.json (``configure_allocator(lean_memory=False)``); the allocator section
 compares that setting with glibc's default in fresh processes. The reference code's figures on this machine kind are quoted from the
-project's issue #5, not measured here.
+reference's users, not measured here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from issue #5.
+# The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from its users.
 REFERENCE_VOLUMES_PER_S = {32: 1.2, 64: 0.084}
 TRAIN_BATCH = {32: 8, 64: 2, 128: 1}
 SECTIONS = ("train", "memory", "sampling", "allocator", "data")
@@ -499,7 +499,7 @@ HEADER = [
     "Training figures are medians of per-step times measured side by side in one process (the paths of a",
     "configuration take turns step by step). `x float32` is the speed-up over this bundle's float32 contiguous",
     "path; `x reference` over the reference code's own training loop on this machine kind (1.2 volumes/s at",
-    "32^3 batch 8, 0.084 at 64^3 batch 2: quoted from issue #5, not re-measured). GFLOP/s counts the",
+    "32^3 batch 8, 0.084 at 64^3 batch 2: quoted from its users on this machine kind, not re-measured). GFLOP/s counts the",
     "convolutions' multiply-adds x 2 (forward + both backward products) analytically; `of conv-only` is the",
     "convolution-only model's step time divided by the path's (same convolutions, dtype and layout, run alone).",
     "Every row runs with `configure_allocator(lean_memory=False)`, as train.json runs the default path;",
@@ -554,7 +554,10 @@ def _memory_section(rows: list[dict]) -> list[str]:
             lines.append(
                 f"| {r['resolution']}^3 | {r['batch_size']} | {r['path']} | {r['peak_gb']:.2f} | {r['kind']} | {r['step_s']:.1f} |"
             )
-    reference = "Reference code on this machine kind (issue #5): 5.4 GB at 32^3 batch 8, 8.9 GB at 64^3 batch 2, over 20 GB at 128^3 batch 1 (stopped)."
+    reference = (
+        "Reference code on this machine kind (quoted from its users): 5.4 GB at 32^3 batch 8, "
+        "8.9 GB at 64^3 batch 2, over 20 GB at 128^3 batch 1 (stopped)."
+    )
     return lines + ["", reference, ""]
 
 

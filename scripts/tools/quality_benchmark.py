@@ -210,6 +210,11 @@ def measure_vdvae(
                 finest = LatentPCAPrior.fit(net, ref.train, max(latent_prior_resolutions))  # one pass; marginals
                 for r in latent_prior_resolutions:
                     groups = sum(1 for g in net.group_resolutions() if g <= r)
+                    if groups == 0:
+                        raise ValueError(
+                            f"--latent_prior_resolutions {r}: no latent group is that coarse "
+                            f"(group resolutions {sorted(set(net.group_resolutions()))})"
+                        )
                     prior = PosthocPriorVDVAE(net, finest.marginal(groups))
                     samplers.append((f"post-hoc prior <= {r}^3", prior))
             for name, generator in samplers:
@@ -433,6 +438,11 @@ def main(
     )
     modes, vq_temperatures = as_list(temperature_modes), [float(t) for t in as_list(vq_temperatures)]
     lp_res = [int(r) for r in as_list(latent_prior_resolutions)]
+    if any(r < 1 for r in lp_res):
+        raise ValueError(
+            f"--latent_prior_resolutions must list resolutions >= 1 (the learned priors are always measured), "
+            f"got {lp_res}"
+        )
     known = {**RECIPES, **(extra_recipes or {})}
     unknown = [r for r in recipes if r not in known]
     if unknown:
