@@ -7,9 +7,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur, psnr_per_volume
+from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.default_data import generate_mni_cohort
+from scripts.engine.metrics import psnr_per_volume
 from tests.conftest import ROOT
 
 

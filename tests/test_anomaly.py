@@ -1,5 +1,6 @@
-"""Anomaly maps (scripts/engine/anomaly.py, configs/anomaly.json, configs/vq_anomaly.json) and the benchmark's metrics and
-lesions, with tiny untrained networks on tiny volumes."""
+"""Anomaly maps (scripts/engine/anomaly.py, scripts/vdvae/anomaly.py, scripts/vq/anomaly.py, configs/anomaly.json,
+configs/vq_anomaly.json) and the benchmark's metrics (scripts/engine/metrics.py) and lesions, with tiny untrained
+networks on tiny volumes."""
 
 from __future__ import annotations
 
@@ -15,22 +16,13 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from scripts.engine.anomaly import (
-    IntensityAnomaly,
-    VDVAEAnomaly,
-    VQAnomaly,
-    auroc,
-    average_precision,
-    best_dice,
-    dice_at,
-    resample_to_grid,
-    smooth_maps,
-    volume_scores,
-    write_anomaly_maps,
-)
+from scripts.engine.anomaly import IntensityAnomaly, resample_to_grid, smooth_maps, volume_scores, write_anomaly_maps
 from scripts.engine.config import from_config_file
+from scripts.engine.metrics import auroc, average_precision, best_dice, dice_at
 from scripts.tools.anomaly_benchmark import LESIONS, brain_mask, synthesise
+from scripts.vdvae.anomaly import VDVAEAnomaly
 from scripts.vdvae.network import VDVAE
+from scripts.vq.anomaly import VQAnomaly
 from scripts.vq.networks import VQVAE, AutoregressivePrior, VQGenerator
 from tests.conftest import ROOT, tiny_architecture
 from tests.test_bundle import run_bundle

@@ -11,6 +11,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.engine.config import check_hyperparameters, family_schema
 from scripts.engine.handlers import latest_checkpoint
+from scripts.engine.sampling import draw_samples
 from scripts.vdvae.network import VDVAE
 from tests.conftest import ROOT, tiny_architecture
 
@@ -252,11 +253,27 @@ def test_inference_samples_nifti_on_the_training_grid(tmp_path, nifti_dir):
     assert np.allclose(img.affine, np.asarray(sidecar["affine"]))
     data = img.get_fdata()
     assert sidecar["intensity_low"] - 1e-4 <= data.min() and data.max() <= sidecar["intensity_high"] + 1e-4
-    sample("b", num_samples=3, temperature=[0.5, 1.0], batch_size=2, seed=1)
+    sample("b", num_samples=3, temperature=[0.5, 1.0], batch_size=3, seed=1)  # another batch size: same volumes
     sample("c", num_samples=3, temperature=[0.5, 1.0], batch_size=2, seed=2)
-    same = nib.load(str(tmp_path / "b" / files[0])).get_fdata()
+    for f in files:
+        assert np.array_equal(
+            nib.load(str(tmp_path / "b" / f)).get_fdata(), nib.load(str(tmp_path / "a" / f)).get_fdata()
+        )
     other = nib.load(str(tmp_path / "c" / files[0])).get_fdata()
-    assert np.array_equal(same, data) and not np.allclose(other, data)
+    assert not np.allclose(other, data)
+    # every tool that samples draws these volumes: the stream of draw_samples with inference.json's sampler
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "configs/inference.json"))
+    parser.update({"ckpt_path": os.path.join(out, "model.pt"), "device": "cpu", **arch})
+    with torch.no_grad():
+        drawn = draw_samples(parser.get_parsed_content("network"), 0.5, 1, range(3)).numpy()[:, 0]
+    written = np.stack([nib.load(str(tmp_path / "a" / f"sample_t0.5_{i:05d}.nii.gz")).get_fdata() for i in range(3)])
+    low, high = sidecar["intensity_low"], sidecar["intensity_high"]
+    assert np.allclose(low + (drawn + 1) / 2 * (high - low), written, atol=1e-4 * (high - low))
+    # the weights' model.json records the options that change their function; another value stops with its name
+    assert sidecar["network_options"]["full_resolution_residual"] is True
+    wrong = sample("d", expect_error=True, num_samples=1, full_resolution_residual=False)
+    assert wrong.returncode != 0 and "pass --full_resolution_residual True" in wrong.stderr
 
     bad = sample("d", num_samples=0, expect_error=True)
     assert bad.returncode != 0 and "num_samples must be positive" in bad.stderr

@@ -8,7 +8,9 @@ import torch
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
 from scripts.engine.data import DataSplit, check_nifti_header, find_niftis, make_dataset
+from scripts.engine.default_data import generate_mni_cohort, template_volume
 from scripts.engine.generate_synthetic_data import generate_synthetic_data, synthetic_volume
+from scripts.engine.metrics import dice
 from scripts.engine.transforms import (
     LoadVolumed,
     RandAxisResampled,
@@ -146,9 +148,6 @@ def test_disk_cache_never_serves_stale_data(tmp_path):
 
 
 def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
-    from scripts.engine.default_data import generate_mni_cohort, template_volume
-    from scripts.tools.check_samples import dice
-
     paths = generate_mni_cohort(str(tmp_path), number_of_files=3, voxels_per_axis=16, seed=2)
     vols = np.stack([nib.load(p).get_fdata() for p in paths])
     assert vols.shape == (3, 16, 16, 16) and np.isfinite(vols).all()
@@ -162,8 +161,6 @@ def test_default_cohort_is_a_varied_set_of_brains(tmp_path):
 
 
 def test_dice():
-    from scripts.tools.check_samples import dice
-
     a = np.zeros((4, 4, 4), bool)
     a[:2] = True
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0

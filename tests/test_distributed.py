@@ -411,14 +411,17 @@ RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "scripts.engine.handler
 def test_overlay_only_adds_and_rank0_handlers_are_switched_off_by_an_expression(config_files):
     with open(os.path.join(ROOT, MULTI)) as f:
         overlay = json.load(f)
-    # the overlay restates nothing of the training configs: no initialize, finalize or handler positions
-    assert {k.split("#")[0] for k in overlay} == {"device", "processes", "train", "validate"}
-    assert not [k for k in overlay if "handlers" in k or k in ("initialize", "finalize", "run")]
+    # the overlay restates nothing of the training configs: it adds to train, validate, imports and initialize
+    assert set(overlay) == {"device", "processes", "+train", "+validate", "+imports", "+initialize"}
+    assert set(overlay["+train"]) == {"training_network", "sampler"} and set(overlay["+validate"]) == {"sampler"}
 
     single, multi = ConfigParser(), ConfigParser()
     single.read_config([os.path.join(ROOT, f) for f in config_files])
     multi.read_config([os.path.join(ROOT, f) for f in [*config_files, MULTI]])
-    assert multi["initialize"] == single["initialize"] and multi["finalize"] == single["finalize"]
+    assert multi["initialize"][:-1] == single["initialize"] and multi["finalize"] == single["finalize"]
+    assert "require_base('configs/multi_gpu_train.json'" in multi["initialize"][-1]  # appended: runs last
+    assert single["train#sampler"] is None and multi["train#sampler#_target_"] == "DistributedSampler"
+    assert multi["train#dataloader"] == single["train#dataloader"]  # the loader takes @train#sampler either way
     assert single["initialize"][0] == multi["initialize"][0] == "$@processes"  # before anything is built
     assert single["processes"] == "$scripts.engine.distributed.require_single_process()"
     assert multi["processes"] == "$scripts.engine.distributed.start_process_group(@device)"

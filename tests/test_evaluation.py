@@ -19,14 +19,16 @@ from monai.bundle import run as bundle_run
 from monai.inferers import Inferer
 from monai.metrics import MultiScaleSSIMMetric
 from monai.transforms import LoadImage
-from PIL import Image
 
 from scripts.engine.anatomy import AnatomyScore
-from scripts.engine.evaluation import RandomFeatureNet, ms_ssim_parameters
+from scripts.engine.evaluation import RandomFeatureNet
 from scripts.engine.generate_synthetic_data import generate_synthetic_data
+from scripts.engine.metrics import ms_ssim_parameters
 from scripts.engine.sampling import SampleRequests, SamplingEvaluator
+from scripts.engine.visualisation import DPI
 from scripts.vdvae.network import VDVAE
 from tests.conftest import ROOT, tiny_architecture
+from tests.test_figures import png_size
 
 ARCH = {"resolution": 16, **tiny_architecture(16)}
 
@@ -148,7 +150,8 @@ def test_reconstruct_writes_full_and_progressive_reconstructions(trained, tmp_pa
             f"{name}_recon_to_r{r}.nii.gz" for r in levels
         }
         assert expected <= set(os.listdir(out)), name
-    assert Image.open(os.path.join(out, f"{names[0]}.png")).size == (3 * 16 * 4, (2 + len(levels)) * 16 * 4)
+    height, width = png_size(os.path.join(out, f"{names[0]}.png"))  # one row per level, input and full: >= 1 inch each
+    assert width >= 6 * DPI and height >= (2 + len(levels)) * DPI
 
     # the written reconstruction is network.reconstruct of the preprocessed input, mapped to the input's window
     parser = ConfigParser()
@@ -196,7 +199,7 @@ def test_evaluate_report(trained, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(os.path.join(out, "report.json")))
-    assert Image.open(os.path.join(out, "report.png")).size[0] >= 900
+    assert png_size(os.path.join(out, "report.png"))[1] == 12 * DPI  # the report figure is 12 inches wide
 
     lik = report["likelihood"]
     assert report["heldout"]["num_volumes"] == 3 and report["train"]["num_volumes"] == 9
@@ -389,5 +392,11 @@ def test_both_families_implement_the_generator_interface_and_others_are_refused(
     )
     with pytest.raises(TypeError, match="lacks .*heldout_likelihood"):
         evaluate(
-            torch.nn.Conv3d(1, 1, 1), ["a.nii", "b.nii"], ["c.nii"], lambda d: d, str(tmp_path), check_shapes=False
+            torch.nn.Conv3d(1, 1, 1),
+            ["a.nii", "b.nii"],
+            ["c.nii"],
+            lambda d: d,
+            str(tmp_path),
+            temperature=1.0,
+            check_shapes=False,
         )

@@ -11,8 +11,9 @@ import torch
 from ignite.engine import Engine
 
 from scripts.engine.handlers import WallClockSnapshots
-from scripts.tools.quality_benchmark import Reference, _parser, main, plot_curves
+from scripts.tools.quality_benchmark import CURVES, Reference, config_parser, curves_figure, main, plot_curves
 from tests.test_bundle import tiny_overrides
+from tests.test_figures import png_size
 
 
 def test_wall_clock_snapshots_save_at_their_times_and_stop_the_run(tmp_path):
@@ -44,7 +45,7 @@ def test_wall_clock_snapshots_save_at_their_times_and_stop_the_run(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_reference(nifti_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("quality"))
-    return Reference(_parser(["configs/train.json"], tiny_overrides(nifti_dir, out)))
+    return Reference(config_parser(["configs/train.json"], tiny_overrides(nifti_dir, out)))
 
 
 def test_reference_figures_of_real_and_degenerate_volumes(tiny_reference):
@@ -81,15 +82,29 @@ def test_curves_figure(tmp_path):
         for i, r in enumerate(["a", "b"])
         for p in range(3)
     ]
-    path = plot_curves(
-        rows,
-        {"frechet_distance": 10.0, "ms_ssim": 0.7, "nearest_train_rmse_median": 0.2, "dice_vs_cohort_mask": 0.9},
-        str(tmp_path / "c.png"),
-    )
-    from PIL import Image
-
-    img = Image.open(path)
-    assert img.size[0] > 1000 and len(set(img.convert("L").tobytes())) > 3  # axes, two coloured series, text
+    real = {
+        "frechet_distance": 10.0,
+        "ms_ssim": 0.7,
+        "nearest_train_rmse_median": 0.2,
+        "dice_vs_cohort_mask": 0.9,
+        "anatomy_score": 0.8,
+        "anatomy_score_blur_1": 0.35,
+    }
+    fig = curves_figure(rows, real)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert len(panels) == len(CURVES)
+    for title, ylabel in CURVES.values():
+        assert panels[title].get_xlabel() == "training wall clock (s)" and panels[title].get_ylabel().startswith(ylabel)
+    frechet = panels[CURVES["frechet_distance"][0]]
+    assert frechet.get_yscale() == "log"
+    assert [len(line.get_xdata()) for line in frechet.get_lines()[:2]] == [3, 3]  # one line of 3 points per recipe
+    assert frechet.get_lines()[2].get_ydata()[0] == 10.0  # the held-out volumes' figure
+    anatomy = panels[CURVES["anatomy_score"][0]]  # not measured here: the targets and the goal only
+    assert sorted(line.get_ydata()[0] for line in anatomy.get_lines()) == [0.35, 0.8]
+    legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert any(t.startswith("a, network weights") for t in legend) and "held-out volumes" in legend
+    path = plot_curves(rows, real, str(tmp_path / "c.png"))
+    assert png_size(path) == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
 
 
 def test_tiny_end_to_end_run(nifti_dir, tmp_path):

@@ -4,6 +4,7 @@ zero. After conversion, this bundle's VDVAE, loss and per-part clipping give the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import scripts.vdvae.network as networks
+from scripts.engine.sampling import load_weights
 from scripts.engine.training import backward_and_clip
 from scripts.vdvae.loss import ELBOLoss
 from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
@@ -221,7 +223,19 @@ def test_converter_command_line(fixture, tmp_path, zero_noise):
         cmd[: -len(overrides) - 1], cwd=ROOT, capture_output=True, text=True, timeout=300
     )  # train.json's 32^3 architecture
     assert bad.returncode != 0 and "has shape" in bad.stderr and "another architecture" in bad.stderr
-    unshared = subprocess.run(
-        [c for c in cmd if c != "--shared_x_scale=False"], cwd=ROOT, capture_output=True, text=True
+    # train.json alone: the options that change the function are set to the reference's, named, and recorded
+    plain = subprocess.run(
+        [c for c in cmd if c != "--shared_x_scale=False"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert unshared.returncode != 0 and "add --shared_x_scale False" in unshared.stderr
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "--full_resolution_residual False" in plain.stdout and "--shared_x_scale False" in plain.stdout
+    with open(tmp_path / "model.json") as f:
+        recorded = json.load(f)["network_options"]
+    assert recorded["full_resolution_residual"] is False and recorded["shared_x_scale"] is False
+    # a config that would run these weights as another function stops, naming the option and its value
+    other = VDVAE(resolution, **arch, full_resolution_residual=True)
+    with pytest.raises(ValueError, match="full_resolution_residual False.*pass --full_resolution_residual False"):
+        load_weights(other, str(out), "cpu")
+    assert load_weights(VDVAE(resolution, **arch), str(out), "cpu") is not None
+    refused = subprocess.run(cmd + ["--full_resolution_residual=True"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--full_resolution_residual True would make" in refused.stderr

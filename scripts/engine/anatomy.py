@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
-__all__ = ["AnatomyScore", "gaussian_blur", "blur_equivalent_sigma", "psnr_per_volume"]
+from scripts.engine.metrics import psnr_per_volume
+
+__all__ = ["AnatomyScore", "gaussian_blur", "blur_equivalent_sigma"]
 
 BLUR_SIGMAS = tuple(np.round(np.arange(0.05, 3.0001, 0.05), 2))  # voxels, the grid of blur_equivalent_sigma
 
@@ -49,13 +51,6 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         return x
     blurred = GaussianFilter(3, float(sigma)).to(x.device)(_unit(x))  # zero padding = background on [0, 1]
     return (blurred * 2.0 - 1.0).to(x.dtype)
-
-
-def psnr_per_volume(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) of ``x`` against ``y`` per volume, both (B, C, D, H, W) on [-1, 1], data range 1 after mapping
-    to [0, 1] (as ``evaluate.json``'s reconstruction PSNR)."""
-    mse = ((_unit(x) - _unit(y)) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return -10.0 * torch.log10(mse)
 
 
 def blur_equivalent_sigma(inputs: torch.Tensor, reconstructions: torch.Tensor) -> np.ndarray:

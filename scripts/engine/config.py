@@ -22,12 +22,13 @@ import difflib
 import inspect
 import json
 import os
+import warnings
 from typing import Any
 
 import jsonschema
 from monai.bundle import ConfigParser
 
-__all__ = ["from_config_file", "family_schema", "validate_hyperparameters", "check_hyperparameters"]
+__all__ = ["from_config_file", "family_schema", "validate_hyperparameters", "check_hyperparameters", "require_base"]
 
 
 def from_config_file(bundle_root: str, config_file: str, key: str, overrides: dict | None = None) -> Any:
@@ -60,7 +61,9 @@ def from_config_file(bundle_root: str, config_file: str, key: str, overrides: di
             f"(run from the bundle folder or pass --bundle_root <bundle folder>)"
         )
     parser = ConfigParser()
-    parser.read_config(path)
+    with warnings.catch_warnings():  # an overlay read alone: its "+" keys are copied, which is what we want here
+        warnings.filterwarnings("ignore", message="Can't merge entry")
+        parser.read_config(path)
     if key not in parser:
         raise KeyError(f"{path} has no key {key!r}")
     parser.update({"bundle_root": bundle_root, **(overrides or {})})
@@ -127,4 +130,27 @@ def validate_hyperparameters(schema_file: str, family: str, parser: ConfigParser
     for key in parser.config:
         values[key] = parser.get_parsed_content(key) if key in typed else None
     check_hyperparameters(values, schema)
+    return True
+
+
+def require_base(
+    overlay: str, bases: list[str | list[str]], needed: list[str], parser: ConfigParser | None = None
+) -> bool:
+    """Stops when the overlay config ``overlay`` runs without a base before it. ``bases``: the alternatives, each a
+    config or a list of configs to put first. Called from the overlay's ``"+initialize"`` list (``+`` appends it to
+    the base's list; alone it is the whole list, so it runs first), it looks for the top-level keys ``needed``, which
+    only the bases define, in the merged configs; returns True when they are there. Without it an overlay run alone
+    stops at the first reference to a missing key (``the referring item @seed is not defined``)."""
+    parser = parser or _active_parser()
+    if parser is None:
+        return True
+    missing = [k for k in needed if k not in parser.config]
+    if missing:
+        chains = [[b] if isinstance(b, str) else list(b) for b in bases]
+        example = ",".join(f"'{f}'" for f in [*chains[0], overlay])
+        raise ValueError(
+            f"{overlay} is an overlay, not a whole config: put "
+            + " or ".join(" and ".join(chain) for chain in chains)
+            + f' before it, e.g. --config_file "[{example}]" (the configs being run define no {missing})'
+        )
     return True

@@ -25,6 +25,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from scripts.engine.default_data import generate_mni_cohort
+
 __all__ = [
     "DataSplit",
     "find_niftis",
@@ -223,8 +225,6 @@ def ensure_default_dataset(folder: str, timeout_s: float = 1800.0, **kwargs) -> 
                 )
             time.sleep(1.0)
         return
-    from scripts.engine.default_data import generate_mni_cohort
-
     logger.info(f"generating the built-in MNI template cohort into {folder} (first use only)")
     for stale in glob.glob(f"{folder.rstrip('/')}.tmp*"):  # left by an interrupted generation
         shutil.rmtree(stale, ignore_errors=True)

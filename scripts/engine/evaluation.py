@@ -27,7 +27,8 @@ samples per temperature:
 * time per sample (seconds, wall clock, batch of ``batch_size``).
 
 The network is a :class:`scripts.engine.generator.Generator`: each family supplies its own likelihood terms and
-report section; everything else is the same code for both.
+report section; everything else is the same code for both. The summary statistics, Frechet distance and MS-SSIM are
+those of :mod:`scripts.engine.metrics`.
 
 Everything streams: volumes pass in batches; only features (N, 224), per-volume figures, the first
 ``diversity_samples`` volumes of each set (for the pairwise MS-SSIM) and chunks of ``chunk_size`` queries for
@@ -46,31 +47,35 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
-from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+from monai.metrics import MMDMetric, PSNRMetric, SSIMMetric
 from torch import nn
 
 from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur
 from scripts.engine.data import check_nifti_header, find_niftis, make_dataset
 from scripts.engine.generator import require_generator
-from scripts.engine.sampling import check_sampling_options
+from scripts.engine.metrics import frechet_distance, mean_pairwise_ms_ssim, ms_ssim_parameters, summary, to_unit
+from scripts.engine.sampling import check_sampling_options, draw_samples
 from scripts.engine.training import autocast
-from scripts.engine.visualisation import three_plane
+from scripts.engine.visualisation import (
+    draw_volume_rows,
+    inches_axes,
+    new_figure,
+    save_figure,
+    text_width,
+    volume_rows_size,
+)
 
 __all__ = [
     "RandomFeatureNet",
     "RandomFourierFeatures",
     "NearestTrainingVolume",
-    "ms_ssim_parameters",
-    "mean_pairwise_ms_ssim",
     "resolve_volumes",
     "check_shapes_match",
     "evaluate",
-    "summary",
 ]
 
 logger = logging.getLogger(__name__)
 
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
 FEATURE_NETWORK = (
     "RandomFeatureNet v1: 3 x (3^3 conv stride 2 + LeakyReLU 0.2), widths 16/32/64, Kaiming-normal init with seed 0, "
     "never trained; features = per-channel mean and std of each stage (224)"
@@ -126,63 +131,6 @@ class RandomFourierFeatures:
         return self.scale * torch.cos(x.double().cpu() @ self.w + self.b)
 
 
-# ----------------------------------------------------------------------------------------------- MS-SSIM
-
-
-def ms_ssim_parameters(resolution: int) -> dict | None:
-    """Kernel and scales of MS-SSIM valid at ``resolution``^3, or None below 8^3.
-
-    Valid means both MONAI's check (``R // (scales - 1)^2 > kernel - 1``) and a coarsest scale at least one
-    kernel wide (MONAI convolves without padding). Picks the most scales (<= 5) at which a Gaussian kernel of
-    5 or 7 voxels (sigma 1.5) fits, with the larger kernel when both do; 3 voxels only at 8^3. Weights are the
-    first ``scales`` of Wang et al.'s five, renormalised. 8: (3, 2 scales), 16: (7, 2), 32: (7, 3), 64: (7, 4),
-    128: (7, 5).
-    """
-
-    def fits(k: int, n: int) -> bool:
-        return resolution // max(1, n - 1) ** 2 > k - 1 and resolution // 2 ** (n - 1) >= k
-
-    for kernels in ((7, 5), (3,)):
-        for n in range(5, 1, -1):
-            for k in kernels:
-                if fits(k, n):
-                    w = np.asarray(MS_SSIM_WEIGHTS[:n])
-                    return {
-                        "kernel_size": k,
-                        "kernel_sigma": 1.5,
-                        "num_scales": n,
-                        "weights": (w / w.sum()).round(4).tolist(),
-                    }
-    return None
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] (SSIM's luminance term assumes non-negative intensities)."""
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def mean_pairwise_ms_ssim(volumes: torch.Tensor, params: dict, pairs_per_batch: int = 16) -> tuple[float, int]:
-    """Mean MS-SSIM over all pairs of (N, 1, R, R, R) volumes on [-1, 1]; returns (mean, number of pairs).
-    Higher means less diverse (1 = identical)."""
-    n = volumes.shape[0]
-    if n < 2:
-        return float("nan"), 0
-    metric = MultiScaleSSIMMetric(
-        spatial_dims=3,
-        data_range=1.0,
-        kernel_size=params["kernel_size"],
-        kernel_sigma=params["kernel_sigma"],
-        weights=params["weights"],
-    )
-    i, j = torch.triu_indices(n, n, offset=1)
-    x = _to_unit(volumes)
-    for start in range(0, i.numel(), pairs_per_batch):
-        sl = slice(start, start + pairs_per_batch)
-        metric(x[i[sl]], x[j[sl]])
-    # float32 rounding can put identical volumes a few 1e-5 above the exact maximum, 1
-    return min(1.0, float(metric.aggregate().item())), int(i.numel())
-
-
 # ----------------------------------------------------------------------------------------------- memorisation
 
 
@@ -233,17 +181,6 @@ class NearestTrainingVolume:
 def _image(batch: dict) -> torch.Tensor:
     x = batch["image"]
     return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
-def summary(values: Sequence[float] | np.ndarray) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "median": float(np.median(v)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -310,7 +247,7 @@ class _FeatureSpace:
     def distribution(self, z: torch.Tensor, n: int) -> dict:
         """Frechet distance and MMD of the first ``n`` standardised features ``z`` to the training set's."""
         return {
-            "frechet_distance_to_train": _frechet(z[:n], self.train_z),
+            "frechet_distance_to_train": frechet_distance(z[:n], self.train_z),
             "mmd_to_train": _mmd(z[:n], self.train_z, self.rff),
             "num_volumes_for_distribution_metrics": n,
         }
@@ -337,8 +274,9 @@ def evaluate(
     train_files: Sequence[str],
     preprocessing: Callable,
     output_dir: str,
+    *,
+    temperature: float | Sequence[float],
     num_samples: int = 64,
-    temperature: float | Sequence[float] = 0.8,
     seed: int = 0,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
@@ -364,7 +302,8 @@ def evaluate(
         output_dir: where the report and the plot go.
         num_samples: samples per temperature (>= 2).
         temperature: a number or a list (> 0); sample figures are given per temperature.
-        seed: seeds the posterior noise of the ELBO and the samples (batch b of a temperature: ``seed + b``).
+        seed: seeds the posterior noise of the ELBO and the samples (the stream of
+            :func:`scripts.engine.sampling.draw_samples`: the same volumes as ``inference.json`` with that seed).
         batch_size: volumes per batch.
         device, amp: where and in which precision the network runs ("none", "bfloat16", "float16").
         diversity_samples: the first N volumes of each set enter the pairwise MS-SSIM (N (N - 1) / 2 pairs).
@@ -503,8 +442,8 @@ def _heldout_pass(
                 for k, v in network.heldout_likelihood(x).items():
                     terms.setdefault(k, []).append(v.float().cpu())
                 recon = network(x).float()
-            psnr(_to_unit(recon), _to_unit(x))
-            ssim(_to_unit(recon), _to_unit(x))
+            psnr(to_unit(recon), to_unit(x))
+            ssim(to_unit(recon), to_unit(x))
             sigmas.append(blur_equivalent_sigma(x, recon))
             scores["heldout"].append(anatomy(x).numpy())
             scores["reconstructions"].append(anatomy(recon).numpy())
@@ -552,15 +491,15 @@ def _sample_pass(
     train_files: Sequence[str],
     anatomy: AnatomyScore,
 ) -> tuple[dict, list[torch.Tensor], np.ndarray]:
-    """``num_samples`` samples at temperature ``t`` (batch b seeded ``seed + b``): the report's section, the first
-    four samples and every sample's distance to its nearest training volume."""
+    """``num_samples`` samples at temperature ``t``, the stream ``seed`` of :func:`draw_samples` (the volumes
+    ``inference.json`` writes for that seed): the report's section, the first four samples and every sample's distance
+    to its nearest training volume."""
     feats, diversity, nearest, first, seconds, scores = [], [], space.nearest(), [], 0.0, []
     with torch.no_grad():
-        for b, start in enumerate(range(0, num_samples, batch_size)):
-            torch.manual_seed(seed + b)
+        for start in range(0, num_samples, batch_size):
             tic = time.perf_counter()
             with autocast(device, amp):
-                s = network.sample(min(batch_size, num_samples - start), t).float()
+                s = draw_samples(network, t, seed, range(start, min(start + batch_size, num_samples)))
             seconds += time.perf_counter() - tic
             feats.append(space.features(s))
             scores.append(anatomy(s).numpy())
@@ -636,25 +575,6 @@ def _median_distance(z: torch.Tensor, max_items: int = 1000) -> float:
     return med if med > 0 else 1.0
 
 
-def _frechet(gen: torch.Tensor, ref: torch.Tensor, ridge: float = 1e-6) -> float:
-    """Frechet distance between two feature sets (MONAI FIDMetric). With fewer volumes than features the covariance
-    product is near-singular and MONAI's matrix square root can keep an imaginary part above its 1e-3 limit; then
-    both covariances get a ``ridge`` on the diagonal (the remedy of pytorch-fid) and scipy's sqrtm is used."""
-    try:
-        return float(FIDMetric()(gen.double(), ref.double()))
-    except ValueError as e:
-        if "Imaginary component" not in str(e):
-            raise
-    from scipy import linalg
-
-    g, r = gen.double().numpy(), ref.double().numpy()
-    offset = ridge * np.eye(g.shape[1])
-    cov_g, cov_r = np.cov(g, rowvar=False) + offset, np.cov(r, rowvar=False) + offset
-    covmean = linalg.sqrtm(cov_g @ cov_r).real
-    diff = g.mean(0) - r.mean(0)
-    return float(diff @ diff + np.trace(cov_g) + np.trace(cov_r) - 2 * np.trace(covmean))
-
-
 def _mmd(gen: torch.Tensor, ref: torch.Tensor, rff: RandomFourierFeatures) -> float:
     """Unbiased MMD^2 with MONAI's MMDMetric (equal set sizes: the first min(N, M) of each)."""
     n = min(len(gen), len(ref))
@@ -664,85 +584,84 @@ def _mmd(gen: torch.Tensor, ref: torch.Tensor, rff: RandomFourierFeatures) -> fl
 # ----------------------------------------------------------------------------------------------- plot
 
 
-def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: dict[str, np.ndarray], path: str) -> str:
-    """One PNG: KL per latent group (log scale, active groups dark; the token likelihood for the VQ family), the distances to the nearest training
-    volume of the held-out volumes and of each temperature's samples (one tick per volume, median in red), and
-    one row of 3-plane views per set of volumes in ``shown`` (held-out, reconstructions, samples)."""
-    from PIL import Image, ImageDraw
+def report_figure(report: dict, shown: dict[str, list[torch.Tensor]], distances: dict[str, np.ndarray]):
+    """The matplotlib Figure of ``report.png``, top to bottom: KL per latent group (log scale, active groups dark;
+    the held-out token likelihood for the VQ family), the distance of each held-out volume and of each temperature's
+    samples to its nearest training volume (one tick per volume, median in red), and one row of 3-plane views per
+    set of volumes in ``shown`` (held-out, reconstructions, samples), all on the [-1, 1] grey scale."""
+    from matplotlib.patches import Patch
 
-    pad, label_w, chart_h = 40, 150, 260
-    upscale = max(1, min(6, 128 // int(report["checkpoint_resolution"])))
-    tiles = [
-        (name, np.concatenate([three_plane(v) for v in torch.cat(vols)], axis=1))
-        for name, vols in shown.items()
-        if vols
-    ]
-    width = max(900, 2 * pad + label_w + max(t.shape[1] for _, t in tiles) * upscale)
-    tiles_h = sum(t.shape[0] * upscale + 20 for _, t in tiles)
-    img = Image.new("RGB", (width, 2 * chart_h + tiles_h + 3 * pad), "white")
-    draw = ImageDraw.Draw(img)
-    x0, x1 = pad + 40, width - pad
-
-    # KL per group, log10 scale (VDVAE); the token likelihood as text (VQ family)
+    rows = {name: list(torch.cat(vols)) for name, vols in shown.items() if vols}
+    rows_h = volume_rows_size(rows)[1] + 0.85 if rows else 0.0
     likelihood = report["likelihood"]
+    kl_h, dist_h, width = 3.0 if "kl_per_group" in likelihood else 1.3, 1.2 + 0.45 * len(distances), 12.0
+    height = kl_h + dist_h + rows_h
+    fig = new_figure(width, height, layout="none")
+
+    # KL per group, log scale (VDVAE); the token likelihood (VQ family)
+    ax = inches_axes(fig, 0.9, height - kl_h + 0.65, width - 1.15, kl_h - 1.0)
     if "kl_per_group" not in likelihood:
-        draw.text((pad, 8), f"{report['model']['family']}: held-out {likelihood['kind']}", fill="black")
         b = likelihood["bits_per_token"]
-        draw.text(
-            (pad, 30),
-            f"bits per token: mean {b['mean']:.3f} (median {b['median']:.3f}), {likelihood['tokens_per_volume']} tokens per volume",
-            fill="black",
+        ax.axis("off")
+        ax.set_title(f"{report['model']['family']}: held-out {likelihood['kind']}")
+        ax.text(
+            0.5,
+            0.5,
+            f"bits per token: mean {b['mean']:.3f}, median {b['median']:.3f}\n"
+            f"{likelihood['tokens_per_volume']} tokens per volume",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=12,
         )
     else:
-        groups = report["likelihood"]["kl_per_group"]
-        draw.text(
-            (pad, 8),
-            "KL per latent group, top of the hierarchy first (nats per volume, log scale; dark = active, light = collapsed)",
-            fill="black",
+        groups = likelihood["kl_per_group"]
+        dark, light = "#28469f", "#aabee6"
+        ax.bar(
+            range(len(groups)),
+            [max(g["kl_nats_per_volume"], 1e-6) for g in groups],
+            color=[dark if g["active"] else light for g in groups],
         )
-        values = [max(g["kl_nats_per_volume"], 1e-6) for g in groups]
-        lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
-        hi = max(hi, lo + 1)
-        y0, y1 = 30, chart_h - 30
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        bar_w = (x1 - x0) / len(groups)
-        for i, (g, v) in enumerate(zip(groups, values)):
-            top = y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
-            draw.rectangle(
-                (x0 + i * bar_w + 2, top, x0 + (i + 1) * bar_w - 2, y1),
-                fill=(40, 70, 160) if g["active"] else (170, 190, 230),
-            )
-            draw.text((x0 + i * bar_w + 2, y1 + 4), f"{g['resolution']}^3", fill="black")
-        for e in range(lo, hi + 1):
-            draw.text((pad - 30, y1 - (e - lo) / (hi - lo) * (y1 - y0) - 6), f"1e{e}", fill="black")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)), [f"{g['resolution']}³" for g in groups], fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_xlabel("latent group (its resolution), top of the hierarchy first")
+        ax.set_ylabel("KL (nats per volume)")
+        ax.set_title("KL per latent group (held-out volumes)")
+        ax.grid(True, axis="y", alpha=0.3)
+        threshold = likelihood.get("kl_active_threshold_nats_per_volume")
+        ax.legend(
+            [Patch(color=dark), Patch(color=light)],
+            [f"active (> {threshold:g} nats)" if threshold is not None else "active", "collapsed"],
+            fontsize=8,
+            loc="upper left",
+        )
 
-    # distances to the nearest training volume, one strip per set
-    top = chart_h + pad
-    draw.text(
-        (pad, top - 20),
-        "RMSE to the nearest training volume ([-1, 1] scale; one tick per volume, median in red)",
-        fill="black",
-    )
-    vmax = max(float(d.max()) for d in distances.values()) or 1.0
-    row_h = (chart_h - 40) / len(distances)
-    for r, (name, d) in enumerate(distances.items()):
-        y = top + r * row_h + row_h / 2
-        draw.text((pad, y - 6), name, fill="black")
-        draw.line((x0 + 60, y, x1 - 260, y), fill=(200, 200, 200))
-        scale = (x1 - 260 - x0 - 60) / vmax
-        for v in d:
-            draw.line((x0 + 60 + v * scale, y - 6, x0 + 60 + v * scale, y + 6), fill=(60, 60, 60))
-        med = float(np.median(d))
-        draw.line((x0 + 60 + med * scale, y - 12, x0 + 60 + med * scale, y + 12), fill="red", width=3)
-        draw.text((x1 - 250, y - 6), f"min {d.min():.3f} median {med:.3f} max {d.max():.3f}", fill="black")
+    # distances to the nearest training volume, one strip per set, first set on top
+    labels = [
+        f"{name}\nmedian {float(np.median(d)):.3f} ({float(d.min()):.3f}-{float(d.max()):.3f})"
+        for name, d in distances.items()
+    ]
+    label_w = max((text_width(fig, label, 8) for label in labels), default=0.5) + 0.25
+    ax = inches_axes(fig, label_w, rows_h + 0.6, width - label_w - 0.25, dist_h - 1.0)
+    for i, (name, d) in enumerate(distances.items()):
+        y, med = len(distances) - 1 - i, float(np.median(d))
+        ax.plot(d, np.full(len(d), y), "|", color="0.25", ms=12, label="one volume" if i == 0 else None)
+        ax.plot([med], [y], "|", color="red", ms=22, mew=3, label="median" if i == 0 else None)
+    ax.set_yticks(range(len(distances)), labels[::-1], fontsize=8)
+    ax.set_ylim(-0.6, len(distances) - 0.4)
+    ax.set_xlim(0, 1.05 * max((float(d.max()) for d in distances.values()), default=1.0))
+    ax.set_xlabel("RMSE to the nearest training volume ([-1, 1] intensity scale)")
+    ax.set_title("Distance of each volume to its nearest training volume (samples much closer than held-out = copying)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
 
-    # volumes
-    y = 2 * chart_h + 2 * pad
-    for name, tile in tiles:
-        draw.text((pad, y), name, fill="black")
-        arr = (np.kron(tile, np.ones((upscale, upscale))) * 255).round().astype(np.uint8)
-        img.paste(Image.fromarray(arr).convert("RGB"), (pad + label_w, y))
-        y += arr.shape[0] + 20
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
+    if rows:
+        draw_volume_rows(fig, rows, box=(0.0, 0.0, width - 0.1, rows_h - 0.4))
+        fig.text(0.5, (rows_h - 0.1) / height, "Central slices, one grey scale for every row", ha="center", va="top")
+    return fig
+
+
+def plot_report(report: dict, shown: dict[str, list[torch.Tensor]], distances: dict[str, np.ndarray], path: str) -> str:
+    """Writes :func:`report_figure` as the PNG ``path``; returns ``path``."""
+    return save_figure(report_figure(report, shown, distances), path)

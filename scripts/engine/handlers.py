@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from scripts.engine.data import atomic_write_json
-from scripts.engine.visualisation import montage, save_png
+from scripts.engine.sampling import draw_samples
+from scripts.engine.visualisation import montage, plot_volume_rows
 
 __all__ = [
     "ReseedEachEpoch",
@@ -121,7 +122,8 @@ class BestModelSaver:
     dict to ``path`` (``models/model.pt``) when the key metric ``metric_name`` improved (lower is better unless
     ``higher_is_better``), and next to it
     ``model.json``: the training grid's affine and intensity window from ``data`` (used by inference to write
-    samples that overlay the training data). Both atomic."""
+    samples that overlay the training data) and the network's ``function_options()`` (checked when the weights are
+    loaded). Both atomic."""
 
     def __init__(
         self,
@@ -155,14 +157,15 @@ class BestModelSaver:
             tmp = f"{self.path}.tmp{os.getpid()}"
             torch.save(state, tmp)
             os.replace(tmp, self.path)
-            if self.data is not None and self.data.preprocessing_info:
-                info = {
-                    **self.data.preprocessing_info,
-                    "metric": self.metric_name,
-                    "value": value,
-                    "epoch": self.best_epoch,
-                }
-                atomic_write_json(os.path.splitext(self.path)[0] + ".json", info)
+            info = {
+                **(self.data.preprocessing_info if self.data is not None else {}),
+                "metric": self.metric_name,
+                "value": value,
+                "epoch": self.best_epoch,
+            }
+            if callable(getattr(source, "function_options", None)):  # checked when the weights are loaded
+                info["network_options"] = source.function_options()
+            atomic_write_json(os.path.splitext(self.path)[0] + ".json", info)
             logger.info(
                 f"epoch {self.best_epoch}: {self.metric_name} {value:.5f} is the best so far; saved {self.path}"
             )
@@ -177,7 +180,8 @@ class BestModelSaver:
 class VolumeImageLogger:
     """Attached to the evaluator: after each validation run, logs 3-plane slices of the first validation batch,
     its reconstructions (posterior means) and ``num_samples`` samples at ``temperature`` to TensorBoard, at
-    the trainer's epoch."""
+    the trainer's epoch. The samples are those of the stream ``seed`` (:func:`scripts.engine.sampling.draw_samples`):
+    the same noise every epoch, so the TensorBoard images show one set of samples as the model learns."""
 
     def __init__(
         self,
@@ -185,8 +189,9 @@ class VolumeImageLogger:
         network: nn.Module,
         ema: AveragedModel | None = None,
         num_samples: int = 4,
-        temperature: float = 0.8,
+        temperature: float = 1.0,
         max_volumes: int = 4,
+        seed: int = 0,
     ) -> None:
         self.writer = summary_writer
         self.network = network
@@ -194,6 +199,7 @@ class VolumeImageLogger:
         self.num_samples = int(num_samples)
         self.temperature = float(temperature)
         self.max_volumes = int(max_volumes)
+        self.seed = int(seed)
         self._first: dict | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -218,7 +224,8 @@ class VolumeImageLogger:
         if self.num_samples > 0:
             vae = self.ema.module if self.ema is not None else self.network
             vae.eval()
-            samples = vae.sample(self.num_samples, self.temperature)
+            with torch.no_grad():
+                samples = draw_samples(vae, self.temperature, self.seed, range(self.num_samples))
             self.writer.add_image(f"samples/t{self.temperature:g}", montage(samples), step, dataformats="HW")
         self.writer.flush()
 
@@ -237,7 +244,11 @@ def visualise_pipeline(enabled: bool, dataset, output_dir: str, num_examples: in
         affine = np.asarray(getattr(img, "affine", torch.eye(4)), dtype=np.float64)
         nib.save(nib.Nifti1Image(arr[0], affine), os.path.join(folder, f"example_{i:03d}.nii.gz"))
         vols.append(arr)
-    path = save_png(montage(np.stack(vols)), os.path.join(folder, "montage.png"))
+    path = plot_volume_rows(
+        {f"example {i}": [v] for i, v in enumerate(vols)},
+        os.path.join(folder, "montage.png"),
+        title="augmented training examples (training pipeline)",
+    )
     logger.info(f"wrote {len(vols)} augmented training examples to {folder}")
     return path
 

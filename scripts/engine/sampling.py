@@ -23,9 +23,11 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
 from scripts.engine.training import autocast
-from scripts.engine.visualisation import montage, save_png
+from scripts.engine.visualisation import plot_volume_rows
 
 __all__ = [
+    "draw_samples",
+    "sample_seed",
     "nifti_array",
     "SampleRequests",
     "SamplingEvaluator",
@@ -34,6 +36,7 @@ __all__ = [
     "ProgressiveReconstructor",
     "ReconstructionWriter",
     "load_weights",
+    "check_function_options",
     "preprocessing_sidecar",
     "read_sidecar",
     "check_sampling_options",
@@ -48,10 +51,20 @@ def preprocessing_sidecar(model_path: str) -> str:
     return os.path.splitext(model_path)[0] + ".json"
 
 
-def load_weights(network: torch.nn.Module, path: str, device: torch.device | str) -> torch.nn.Module:
-    """Loads a plain state dict into ``network``; errors name the file and the mismatch."""
+TRAIN_COMMAND = "python -m monai.bundle run --config_file configs/train.json"
+
+
+def load_weights(
+    network: torch.nn.Module,
+    path: str,
+    device: torch.device | str,
+    option: str = "ckpt_path",
+    made_by: str = TRAIN_COMMAND,
+) -> torch.nn.Module:
+    """Loads a plain state dict into ``network``; errors name the file and the mismatch. A missing file names the
+    config ``option`` that points to it and the command ``made_by`` that writes it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights at {path!r}: train first (models/model.pt) or pass --ckpt_path")
+        raise FileNotFoundError(f"no weights at {path!r} (--{option}): make them with {made_by}, or pass --{option}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, TorchScript archives, pickles of other objects
@@ -78,7 +91,36 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
             f"{path}: weights of another architecture than this config's network_def (use the same resolution and "
             f"per-level lists as in training, e.g. the same vdvae_*.json overlay): {str(e).splitlines()[0]}"
         ) from e
+    check_function_options(network, path)
     return network.to(device).eval()
+
+
+def _as_option(value) -> str:
+    """A value as one would write it after ``--key`` on the command line."""
+    return f"'{json.dumps(value, separators=(',', ':'))}'" if isinstance(value, list) else str(value)
+
+
+def check_function_options(network: torch.nn.Module, path: str) -> None:
+    """Stops when the options recorded next to the weights at ``path`` (``network_options`` of its sidecar JSON,
+    written by training and by the reference converter) differ from ``network.function_options()``: the same
+    tensors would compute another function. The error names each option and the ``--key value`` to pass."""
+    sidecar = preprocessing_sidecar(path)
+    if not callable(getattr(network, "function_options", None)) or not os.path.isfile(sidecar):
+        return
+    with open(sidecar) as f:
+        recorded = json.load(f).get("network_options", {})
+    current = json.loads(json.dumps(network.function_options()))  # tuples as lists, as in the JSON
+    differ = sorted(k for k in recorded if k in current and recorded[k] != current[k])
+    if differ:
+        raise ValueError(
+            f"{path}: these weights were made with "
+            + ", ".join(f"{k} {_as_option(recorded[k])}" for k in differ)
+            + f" ({sidecar}), but this config's network_def has "
+            + ", ".join(f"{k} {_as_option(current[k])}" for k in differ)
+            + ", which computes another function with the same tensors: pass "
+            + " ".join(f"--{k} {_as_option(recorded[k])}" for k in differ)
+            + " (or the preset overlay the weights were made with, e.g. configs/vdvae_32.json)"
+        )
 
 
 def read_sidecar(model_path: str) -> dict:
@@ -142,10 +184,29 @@ class SampleRequests(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The RNG seed of sample ``index`` of the stream ``seed``."""
+    return (int(seed) * 1_000_003 + int(index)) % 2**63
+
+
+def draw_samples(generator, temperature: float, seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """Samples ``indices`` of the stream ``seed`` at ``temperature``: (len(indices), C, *R) on [-1, 1].
+
+    Sample i is drawn alone, from the RNG seeded with :func:`sample_seed` (seed, i), so it is the same volume whatever
+    the batch size and whichever tool draws it (``inference.json``, ``evaluate.json``, ``check_samples``, the
+    benchmarks), and the same noise at every temperature. The caller's RNG state is restored afterwards."""
+    out = []
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        for i in indices:
+            torch.manual_seed(sample_seed(seed, i))
+            out.append(generator.sample(1, float(temperature)).float())
+    return torch.cat(out)
+
+
 class SamplingEvaluator(SupervisedEvaluator):
-    """Draws the samples of each batch of requests with ``network.sample`` (one temperature per batch: the
-    data loader must not mix temperatures, which holds when batches do not straddle them). Batch b is seeded
-    with ``seed + b``, so a run is deterministic for a seed and batch size."""
+    """Draws the samples of each batch of requests {"index", "temperature"} with the inferer
+    (:class:`PriorSampler`): sample i of every temperature comes from :func:`draw_samples` with ``seed``, so a run's
+    volumes depend on the seed only, not on the batch size."""
 
     def __init__(self, *args, seed: int = 0, amp_mode: str = "none", **kwargs) -> None:
         kwargs["amp"] = False
@@ -155,17 +216,9 @@ class SamplingEvaluator(SupervisedEvaluator):
         self.amp_mode = amp_mode
 
     def _iteration(self, engine: SamplingEvaluator, batchdata: dict) -> dict:
-        temps = batchdata["temperature"].tolist()
-        out = []
-        torch.manual_seed(engine.seed + engine.state.iteration - 1)
+        temps, indices = batchdata["temperature"].tolist(), batchdata["index"].tolist()
         with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
-            start = 0
-            while start < len(temps):  # group consecutive requests that share a temperature
-                stop = start
-                while stop < len(temps) and temps[stop] == temps[start]:
-                    stop += 1
-                out.append(engine.inferer(stop - start, engine.network, temps[start]))
-                start = stop
+            out = [engine.inferer([i], engine.network, t, engine.seed) for i, t in zip(indices, temps)]
         engine.state.output = {
             "pred": torch.cat(out).float(),
             "index": batchdata["index"],
@@ -175,10 +228,11 @@ class SamplingEvaluator(SupervisedEvaluator):
 
 
 class PriorSampler(Inferer):
-    """Inferer: ``network.sample(n, temperature)`` -> (n, C, *R) on [-1, 1]."""
+    """Inferer: the samples ``indices`` of the stream ``seed`` at ``temperature`` (:func:`draw_samples`),
+    (len(indices), C, *R) on [-1, 1]."""
 
-    def __call__(self, n: int, network: torch.nn.Module, temperature: float) -> torch.Tensor:
-        return network.sample(n, temperature)
+    def __call__(self, indices: Sequence[int], network: torch.nn.Module, temperature: float, seed: int) -> torch.Tensor:
+        return draw_samples(network, temperature, seed, indices)
 
 
 class SampleWriter:
@@ -193,7 +247,7 @@ class SampleWriter:
         self.affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
         self.low = float(info.get("intensity_low", -1.0))
         self.high = float(info.get("intensity_high", 1.0))
-        self._shown: list[np.ndarray] = []
+        self._shown: dict[str, list[np.ndarray]] = {}  # row label -> the sample
         self.written: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -208,11 +262,11 @@ class SampleWriter:
             save_nifti(nifti_array(vol, self.low, self.high), self.affine, path)
             self.written.append(path)
             if len(self._shown) < self.montage_size:
-                self._shown.append(vol)
+                self._shown[f"sample {idx}, T={t:g}"] = [vol]
 
     def _montage(self, engine: Engine) -> None:
         if self._shown:
-            save_png(montage(np.stack(self._shown)), os.path.join(self.output_dir, "samples.png"))
+            plot_volume_rows(self._shown, os.path.join(self.output_dir, "samples.png"), title="samples")
         logger.info(f"wrote {len(self.written)} samples to {self.output_dir}")
 
 
@@ -303,8 +357,10 @@ class ReconstructionWriter:
             for k, r in enumerate(self.levels):
                 save_nifti(to_raw(pred[b, k + 1]), affines[b], f"{out}_recon_to_r{r}.nii.gz")
             if self.write_png:
-                rows = np.stack(
-                    [inputs[b, :1], *[pred[b, k + 1 : k + 2] for k in range(len(self.levels))], pred[b, :1]]
-                )
-                save_png(montage(rows), f"{out}.png")
+                rows = {
+                    "input": [inputs[b, 0]],
+                    **{f"posterior down to {r}^3": [pred[b, k + 1]] for k, r in enumerate(self.levels)},
+                    "full reconstruction": [pred[b, 0]],
+                }
+                plot_volume_rows(rows, f"{out}.png", title=f"{stem}: progressive reconstructions, coarse to fine")
             self.written.append(f"{out}_recon.nii.gz")

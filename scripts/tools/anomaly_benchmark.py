@@ -1,5 +1,6 @@
 # Copyright 2026 The VDVAE bundle authors. Licensed under the Apache License, Version 2.0.
-"""Benchmark of the anomaly maps (``scripts.engine.anomaly``) on synthetic lesions -> docs/anomaly.md.
+"""Benchmark of the anomaly maps (``scripts.engine.anomaly``, ``scripts.vdvae.anomaly``, ``scripts.vq.anomaly``) on
+synthetic lesions -> docs/anomaly.md.
 
     python -m scripts.tools.anomaly_benchmark                      # the default runs' models (models/model.pt, models/vqvae.pt, ...)
     python -m scripts.tools.anomaly_benchmark --vdvae_model runs/x/model.pt --vdvae_run_dir runs/x --vdvae_overrides "{'full_resolution_residual': True}"
@@ -45,17 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.engine.anomaly import (
-    IntensityAnomaly,
-    VDVAEAnomaly,
-    VQAnomaly,
-    auroc,
-    average_precision,
-    best_dice,
-    dice_at,
-    smooth_maps,
-    volume_scores,
-)
+from scripts.engine.anomaly import IntensityAnomaly, smooth_maps, volume_scores
+from scripts.engine.data import preprocess_volumes
+from scripts.engine.metrics import auroc, average_precision, best_dice, dice_at
+from scripts.engine.sampling import load_weights, preprocessing_sidecar
+from scripts.engine.visualisation import grey_colormap, hide_ticks, inches_axes, new_figure, save_figure
+from scripts.vdvae.anomaly import VDVAEAnomaly
+from scripts.vq.anomaly import VQAnomaly
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LESIONS = ("hyperintense", "hypointense", "mass_effect", "mass_effect_large", "artefact")
@@ -210,7 +207,7 @@ def run_maps(
 
 class _KLMaps:
     """Adapter for :func:`run_maps` with ``running``: the ``kl`` maps of several ``kl_resolution`` candidates
-    from one pass of :meth:`scripts.engine.anomaly.VDVAEAnomaly.kl_maps`, one entry per candidate."""
+    from one pass of :meth:`scripts.vdvae.anomaly.VDVAEAnomaly.kl_maps`, one entry per candidate."""
 
     def __init__(self, detector: VDVAEAnomaly, resolutions: list[int]) -> None:
         self.detector, self.resolutions = detector, list(resolutions)
@@ -278,8 +275,6 @@ def _parser(config_files: list[str], overrides: dict):
 
 
 def _model_info(path: str) -> dict:
-    from scripts.engine.sampling import preprocessing_sidecar
-
     info = {
         "path": path,
         "bytes": os.path.getsize(path),
@@ -358,9 +353,6 @@ def main(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_grad_enabled(False)
-    from scripts.engine.data import preprocess_volumes
-    from scripts.engine.sampling import load_weights
-
     started = time.time()
     timings: dict[str, float] = {}
     have_vdvae, have_vq = os.path.isfile(vdvae_model), os.path.isfile(vqvae_path) and os.path.isfile(vq_prior_path)
@@ -583,24 +575,61 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def write_figure(methods: dict[str, dict], cases: list[dict], path: str) -> str:
-    """One row per lesion kind (the first test case of each): the lesioned input, the true mask and every method's
-    map, each the axial slice through the lesion's centre, maps scaled from their median to their 99.5th percentile
-    within the brain (and shown within the brain only, where they are measured)."""
-    from scripts.engine.visualisation import save_png
+def lesion_figure(methods: dict[str, dict], cases: list[dict]):
+    """The matplotlib Figure of :func:`write_figure`: one row per lesion kind (the first test case of each), columns
+    the lesioned input (grey, [-1, 1]), the true mask and every method's map, each the axial slice through the
+    lesion's centre; maps scaled from their median to their 99.5th percentile within the brain (shown within the
+    brain only, where they are measured), with the true lesion outlined in cyan."""
+    import textwrap
 
-    rows = []
-    for kind in LESIONS:
+    import matplotlib
+
+    names = ["lesioned input", "true mask", *methods]
+    panel = min(1.25, 9.6 / len(names))
+    titles = [textwrap.fill(n, max(10, int(panel * 17)), break_long_words=False) for n in names]
+    left, bottom, bar = 1.3, 0.15, 1.0
+    top = 0.45 + 0.11 * max(t.count("\n") + 1 for t in titles)
+    width, height = left + panel * len(names) + bar, top + bottom + panel * len(LESIONS)
+    fig = new_figure(width, height, layout="none")
+    heat = matplotlib.colormaps["inferno"].with_extremes(bad="black")
+    for r, kind in enumerate(LESIONS):
         i = next(j for j, c in enumerate(cases) if c["kind"] == kind)
         c = cases[i]
         z = int(round(np.argwhere(c["mask"])[:, 2].mean()))
-        panels = [np.clip((c["x"][0, :, :, z].numpy() + 1) / 2, 0, 1), c["mask"][:, :, z].astype(np.float32)]
+        brain, mask = np.rot90(c["brain"][:, :, z]), np.rot90(c["mask"][:, :, z]).astype(np.float32)
+        panels = [(np.rot90(c["x"][0, :, :, z].numpy()), grey_colormap(), -1.0, 1.0), (mask, "gray", 0.0, 1.0)]
         for maps in methods.values():
             m = maps["test"][i]
             lo, hi = np.percentile(m[c["brain"]], [50.0, 99.5])
-            panels.append(np.where(c["brain"][:, :, z], np.clip((m[:, :, z] - lo) / max(hi - lo, 1e-8), 0, 1), 0.0))
-        rows.append(np.concatenate([np.rot90(p) for p in panels], axis=1))
-    return save_png(np.concatenate(rows, axis=0), path, upscale=3)
+            scaled = np.clip((np.rot90(m[:, :, z]) - lo) / max(hi - lo, 1e-8), 0, 1)
+            panels.append((np.where(brain, scaled, np.nan), heat, 0.0, 1.0))
+        for k, (image, cmap, vmin, vmax) in enumerate(panels):
+            ax = inches_axes(fig, left + k * panel, height - top - (r + 1) * panel, panel * 0.96, panel * 0.96)
+            im = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            if k != 1:
+                ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+            hide_ticks(ax)
+            if r == 0:
+                ax.set_title(titles[k], fontsize=6.5)
+            if k == 0:
+                ax.set_ylabel(kind.replace("_", " "), rotation=0, ha="right", va="center", fontsize=9)
+    if methods:
+        cax = inches_axes(
+            fig, left + panel * len(names) + 0.1, bottom + 0.3 * panel, 0.14, (len(LESIONS) - 0.6) * panel
+        )
+        fig.colorbar(im, cax=cax, label="map, scaled per panel:\nbrain median (0) to 99.5th percentile (1)")
+    fig.suptitle(
+        "Synthetic lesions (test cases), axial slice through each lesion; cyan outline: the true lesion",
+        fontsize=10,
+        y=1 - 0.08 / height,
+        va="top",
+    )
+    return fig
+
+
+def write_figure(methods: dict[str, dict], cases: list[dict], path: str) -> str:
+    """Writes :func:`lesion_figure` as the PNG ``path``; returns ``path``."""
+    return save_figure(lesion_figure(methods, cases), path)
 
 
 def _f(v, digits: int = 2) -> str:

@@ -34,12 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from scripts.engine.config import from_config_file
 from scripts.engine.generate_synthetic_data import synthetic_volume
 from scripts.engine.training import autocast, configure_allocator
 from scripts.vdvae.loss import ELBOLoss, negative_elbo_terms
 from scripts.vdvae.network import ARCHITECTURE_LISTS, VDVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sampling_temperature() -> float:
+    """The VDVAE family's default sampling temperature, as ``configs/inference.json`` states it."""
+    return float(from_config_file(ROOT, "configs/inference.json", "temperature"))
+
 
 # The reference code's own training loop on this machine kind (2 CPU cores with AMX), quoted from its users.
 REFERENCE_VOLUMES_PER_S = {32: 1.2, 64: 0.084}
@@ -367,10 +374,11 @@ def allocator_worker(kind: str, resolution: int, setting: str, repeats: int) -> 
         fn = lambda i: run.step(x, seed=i)  # noqa: E731
     elif kind == "sample":
         net = build(resolution, PATHS_BY_KEY["bf16_cl"], device).eval()
+        temperature = sampling_temperature()
 
         def fn(i: int) -> None:
             with autocast(device, "bfloat16"):
-                net.sample(1, temperature=0.8, generator_seed=i)
+                net.sample(1, temperature=temperature, generator_seed=i)
 
     else:
         raise ValueError(f"kind must be 'train' or 'sample', got {kind!r}")
@@ -429,14 +437,14 @@ def bench_allocator(cases: list[tuple[str, int]], rounds: int, repeats: int, log
 def bench_sampling(resolutions: list[int], device: torch.device, repeats: int, log) -> list[dict]:
     """Seconds per call of ``sample(n)`` (n = 1, and 4 up to 64^3), bfloat16 channels-last, eval mode; the
     128^3 row carries a profile of where the time goes."""
-    rows = []
+    rows, temperature = [], sampling_temperature()
     for r in resolutions:
         net = build(r, PATHS_BY_KEY["bf16_cl"], device).eval()
         for n in (1, 4) if r <= 64 else (1,):
 
             def sample(i: int, n: int = n) -> None:
                 with autocast(device, "bfloat16"):
-                    net.sample(n, temperature=0.8, generator_seed=i)
+                    net.sample(n, temperature=temperature, generator_seed=i)
 
             t = _median_times({"sample": sample}, repeats, 1, device)["sample"]
             row = {"resolution": r, "batch": n, "s_per_call": t, "volumes_per_s": n / t}

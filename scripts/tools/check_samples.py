@@ -8,7 +8,10 @@ montage (samples, then real volumes, as 3-plane rows).
 
 CLI (from the bundle root, with the same overrides as training)::
 
-    python -m scripts.tools.check_samples --config_file configs/train.json --num_samples 16 --temperature 0.8
+    python -m scripts.tools.check_samples --config_file configs/train.json --num_samples 16
+
+It samples what ``inference.json`` samples: its ``temperature`` and sampler (``use_latent_prior``) unless given, and
+the same volumes for the same seed (:func:`scripts.engine.sampling.draw_samples`).
 """
 
 from __future__ import annotations
@@ -21,26 +24,24 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.engine.config import from_config_file
 from scripts.engine.data import preprocess_volumes
-from scripts.engine.sampling import check_sampling_options, load_weights
-from scripts.engine.visualisation import montage, save_png
+from scripts.engine.metrics import dice
+from scripts.engine.sampling import check_sampling_options, draw_samples, load_weights
+from scripts.engine.visualisation import plot_volume_rows
+from scripts.vdvae.latent_prior import with_latent_prior
 
-__all__ = ["dice", "check_samples"]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+__all__ = ["check_samples"]
 
 
 def check_samples(
     config_file: str | list[str] = "configs/train.json",
     ckpt_path: str | None = None,
     num_samples: int = 16,
-    temperature: float = 0.8,
+    temperature: float | None = None,
     threshold: float = -0.8,
     seed: int = 0,
+    use_latent_prior: bool | str | None = None,
     output_json: str | None = None,
     output_png: str | None = None,
     **overrides,
@@ -48,21 +49,29 @@ def check_samples(
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update(overrides)
+    bundle_root = parser.get_parsed_content("bundle_root")
+    if temperature is None:
+        temperature = from_config_file(bundle_root, "configs/inference.json", "temperature")
+    if use_latent_prior is None:
+        use_latent_prior = from_config_file(bundle_root, "configs/inference.json", "use_latent_prior")
     check_sampling_options(num_samples, temperature)
     ckpt_path = ckpt_path or parser.get_parsed_content("model_path")
-    net = load_weights(parser.get_parsed_content("network_def"), ckpt_path, "cpu")
+    net = with_latent_prior(
+        load_weights(parser.get_parsed_content("network_def"), ckpt_path, "cpu"), ckpt_path, use_latent_prior
+    )
     data = parser.get_parsed_content("data")
     preprocess = parser.get_parsed_content("validate#preprocessing")
     real = preprocess_volumes(data.train_files + data.val_files, preprocess).numpy()
     mean_mask = (real > threshold).mean(0)[0] >= 0.5
-    torch.manual_seed(seed)
-    samples = net.sample(num_samples, temperature).cpu().numpy()
+    with torch.no_grad():
+        samples = draw_samples(net, temperature, seed, range(num_samples)).cpu().numpy()
     scores = [dice(s[0] > threshold, mean_mask) for s in samples]
     real_scores = [dice(r[0] > threshold, mean_mask) for r in real]
     report = {
         "checkpoint": ckpt_path,
         "num_samples": num_samples,
         "temperature": temperature,
+        "sampler": type(net).__name__,
         "threshold": threshold,
         "mean_dice_samples_vs_cohort_mask": float(np.mean(scores)),
         "min_dice_samples_vs_cohort_mask": float(np.min(scores)),
@@ -76,7 +85,14 @@ def check_samples(
     with open(output_json, "w") as f:
         json.dump(report, f, indent=1)
     shown = min(4, num_samples)
-    save_png(montage(np.concatenate([samples[:shown], real[:shown]])), output_png, upscale=3)
+    plot_volume_rows(
+        {
+            **{f"sample {i} (Dice {scores[i]:.2f})": [samples[i]] for i in range(shown)},
+            **{f"real {i} (Dice {real_scores[i]:.2f})": [real[i]] for i in range(min(shown, len(real)))},
+        },
+        output_png,
+        title=f"samples at T={temperature:g} above real volumes (Dice with the cohort's brain mask)",
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "dice_per_sample"}, indent=1))
     print(f"report: {output_json}\nmontage (first {shown} samples, then {shown} real volumes): {output_png}")
     return report

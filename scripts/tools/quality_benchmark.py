@@ -36,10 +36,16 @@ import fire
 import numpy as np
 import torch
 
-from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur, psnr_per_volume
+from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur
+from scripts.engine.config import from_config_file
 from scripts.engine.data import preprocess_volumes
-from scripts.engine.evaluation import RandomFeatureNet, _frechet, mean_pairwise_ms_ssim, ms_ssim_parameters
-from scripts.tools.check_samples import dice
+from scripts.engine.evaluation import RandomFeatureNet
+from scripts.engine.handlers import WallClockSnapshots
+from scripts.engine.metrics import dice, frechet_distance, mean_pairwise_ms_ssim, ms_ssim_parameters, psnr_per_volume
+from scripts.engine.sampling import draw_samples, load_weights
+from scripts.engine.visualisation import new_figure, plot_volume_rows, save_figure
+from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+from scripts.vq.networks import VQGenerator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = "configs/train.json"
@@ -75,8 +81,6 @@ def train_run(spec: str) -> None:
     """Trains as the JSON file ``spec`` says ({"config_files", "overrides", "times_s", "folder"}) until the last
     of ``times_s``, saving snapshots into ``folder``."""
     from monai.bundle import ConfigWorkflow
-
-    from scripts.engine.handlers import WallClockSnapshots
 
     with open(spec) as f:
         run = json.load(f)
@@ -145,7 +149,7 @@ class Reference:
         z, n = self._z(volumes), len(self.heldout)
         groups = [z[i : i + n] for i in range(0, len(z) - n + 1, n)]
         return {
-            "frechet_distance": float(np.mean([_frechet(g, self.train_z) for g in groups])),
+            "frechet_distance": float(np.mean([frechet_distance(g, self.train_z) for g in groups])),
             "ms_ssim": mean_pairwise_ms_ssim(volumes[:16], self.ms_params)[0] if self.ms_params else None,
             "nearest_train_rmse_median": float(np.median(self.nearest_rmse(volumes))),
             "dice_vs_cohort_mask": float(np.mean([dice(v[0].numpy() > FOREGROUND, self.mask) for v in volumes])),
@@ -162,7 +166,8 @@ class Reference:
         }
 
 
-def _parser(config_files: list[str], overrides: dict):
+def config_parser(config_files: list[str], overrides: dict):
+    """A ConfigParser of ``config_files`` (paths relative to the bundle root) with ``overrides`` applied."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -172,9 +177,9 @@ def _parser(config_files: list[str], overrides: dict):
 
 
 def _samples(generator, n: int, temperature: float, seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
+    """The first ``n`` volumes of the stream ``seed`` (what ``inference.json`` writes for that seed)."""
     with torch.no_grad():
-        return torch.cat([generator.sample(min(8, n - i), temperature) for i in range(0, n, 8)]).float()
+        return draw_samples(generator, temperature, seed, range(n))
 
 
 def measure_vdvae(
@@ -190,8 +195,6 @@ def measure_vdvae(
     """Rows per weights (raw, EMA), sampler (the learned priors in each temperature mode; the post-hoc latent prior
     of the groups <= r^3 for each r of ``latent_prior_resolutions``, finer groups from the learned priors in the
     first mode) and temperature."""
-    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
-
     rows = []
     for weights in ("network", "ema"):
         if snapshot.get(weights) is None:
@@ -305,21 +308,31 @@ def _series(r: dict) -> tuple:
     return (r["recipe"], r["weights"], r["sampler"], r["temperature_mode"], r["temperature"])
 
 
-def plot_curves(rows: list[dict], real: dict, path: str) -> str:
-    """Panels (Frechet distance on a log scale, MS-SSIM, nearest-train RMSE, Dice, held-out negative ELBO) against
-    training time, one line per (family / recipe, weights, sampler) at the highest measured temperature in the first
-    temperature mode, seed means; dashed: the held-out volumes. The table has every temperature and mode."""
-    from PIL import Image, ImageDraw
+# metric -> (panel title, y-axis label) of the curves, in panel order
+CURVES = {
+    "anatomy_score": ("Anatomy score of the samples", "tissue contrast (1 = template)"),
+    "reconstruction_psnr": ("Held-out reconstruction PSNR", "PSNR (dB)"),
+    "frechet_distance": ("Frechet distance to training set", "random-conv feature distance"),
+    "ms_ssim": ("Sample diversity (MS-SSIM)", "mean pairwise MS-SSIM (low = diverse)"),
+    "nearest_train_rmse_median": ("RMSE to nearest training volume", "median RMSE ([-1, 1] scale)"),
+    "dice_vs_cohort_mask": ("Dice with cohort brain mask", "mean Dice"),
+    "heldout_neg_elbo_nats": ("Held-out negative ELBO", "nats per voxel"),
+}
+# metric -> (key of the goal in ``real``, legend label): the goals of docs/quality.md drawn as dotted lines
+GOALS = {
+    "anatomy_score": ("anatomy_score_blur_1", "goal: held-out, 1-voxel blur"),
+    "reconstruction_psnr": ("reconstruction_psnr_blur_0.7", "goal: PSNR of a 0.7-voxel blur"),
+}
 
-    metrics = [
-        "anatomy_score",
-        "reconstruction_psnr",
-        "frechet_distance",
-        "ms_ssim",
-        "nearest_train_rmse_median",
-        "dice_vs_cohort_mask",
-        "heldout_neg_elbo_nats",
-    ]
+
+def curves_figure(rows: list[dict], real: dict):
+    """A matplotlib Figure of one panel per metric of :data:`CURVES` (Frechet distance on a log scale) against
+    training time, one line per (family / recipe, weights, sampler) at the highest measured temperature in the
+    first temperature mode: seed means with a band from the lowest to the highest seed; dashed: the held-out
+    volumes, dotted: the goals of :data:`GOALS`. Reconstruction PSNR and ELBO do not depend on the sampler, so the
+    lines of one weights' samplers coincide there. The table has every temperature and mode."""
+    import textwrap
+
     t_plot = (
         max(r["temperature"] for r in rows if r["family"] == "vdvae")
         if any(r["family"] == "vdvae" for r in rows)
@@ -334,68 +347,64 @@ def plot_curves(rows: list[dict], real: dict, path: str) -> str:
     series: dict[tuple, dict[float, list[dict]]] = {}
     for r in shown:
         series.setdefault(_series(r), {}).setdefault(r["point"], []).append(r)
-    colours = [
-        (31, 119, 180),
-        (255, 127, 14),
-        (44, 160, 44),
-        (214, 39, 40),
-        (148, 103, 189),
-        (140, 86, 75),
-        (227, 119, 194),
-        (127, 127, 127),
-        (188, 189, 34),
-        (23, 190, 207),
-    ]
-    pw, ph, margin = 360, 240, 50
-    legend_h = 16 * len(series) + 10
-    img = Image.new("RGB", (len(metrics) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    tmax = max(r["time_s"] for r in shown) or 1.0
-    for m_i, metric in enumerate(metrics):
-        x0, y0 = margin + m_i * (pw + margin), margin
-        values = [r[metric] for r in shown if r.get(metric) is not None] + (
-            [real[metric]] if real.get(metric) is not None else []
-        )
-        if not values:
-            continue
-        log = metric == "frechet_distance" and min(values) > 0
-        scale = (lambda v: float(np.log10(v))) if log else (lambda v: v)  # noqa: E731
-        lo, hi = scale(min(values)), scale(max(values))
-        hi = hi if hi > lo else lo + 1.0
-        fx = lambda t: x0 + pw * t / tmax  # noqa: E731
-        fy = lambda v: y0 + ph - ph * (scale(v) - lo) / (hi - lo)  # noqa: E731
-        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
-        draw.text((x0, y0 - 30), metric.replace("_", " ") + (" (log scale)" if log else ""), fill="black")
-        draw.text((x0 + 3, y0 + 3), _fmt(max(values)), fill="black")
-        draw.text((x0 + 3, y0 + ph - 14), _fmt(min(values)), fill="black")
-        draw.text((x0 + pw - 60, y0 + ph + 5), f"{tmax:.0f} s", fill="black")
-        draw.text((x0, y0 + ph + 5), "0 s", fill="black")
-        if real.get(metric) is not None:
-            y = fy(real[metric])
-            for x in range(int(x0), int(x0 + pw), 8):
-                draw.line([x, y, x + 4, y], fill=(90, 90, 90))
+    seeds = max((len(rs) for points in series.values() for rs in points.values()), default=0)
+    tmax = max((r["time_s"] for r in shown), default=0.0) or 1.0
+    fig = new_figure(12.0, 6.6)
+    axes = fig.subplots(2, 4).ravel()
+    handles: dict[str, object] = {}
+    for ax, (metric, (title, ylabel)) in zip(axes, CURVES.items()):
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("training wall clock (s)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, tmax * 1.05)
+        ax.grid(True, alpha=0.3)
         for s_i, (key, points) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
             pts = sorted(
-                (float(np.mean([r["time_s"] for r in rs])), float(np.mean([r[metric] for r in rs])))
+                (float(np.mean([r["time_s"] for r in rs])), [float(r[metric]) for r in rs])
                 for rs in points.values()
                 if all(r.get(metric) is not None for r in rs)
             )
-            xy = [(fx(t), fy(v)) for t, v in pts]
-            colour = colours[s_i % len(colours)]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    for s_i, key in enumerate(sorted(series, key=str)):
-        y = ph + 2 * margin + 16 * s_i
-        draw.rectangle([margin, y + 4, margin + 20, y + 8], fill=colours[s_i % len(colours)])
-        draw.text(
-            (margin + 28, y), f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", fill="black"
-        )
-    draw.text((margin + 600, ph + 2 * margin), "dashed: held-out volumes", fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
+            if not pts:
+                continue
+            t = [p[0] for p in pts]
+            label = textwrap.fill(f"{key[0]}, {key[1]} weights, {key[2]}, T mode {key[3]}, T={key[4]:g}", 36)
+            (line,) = ax.plot(t, [np.mean(p[1]) for p in pts], "o-", color=f"C{s_i}", label=label)
+            handles.setdefault(label, line)
+            if any(len(p[1]) > 1 for p in pts):
+                ax.fill_between(t, [min(p[1]) for p in pts], [max(p[1]) for p in pts], color=f"C{s_i}", alpha=0.15)
+        if real.get(metric) is not None:
+            handles.setdefault(
+                "held-out volumes", ax.axhline(real[metric], color="0.35", ls="--", lw=1.2, label="held-out volumes")
+            )
+        goal, goal_label = GOALS.get(metric, (None, None))
+        if real.get(goal) is not None:
+            handles["goals (dotted, labelled)"] = ax.axhline(real[goal], color="C3", ls=":", lw=1.5)
+            ax.annotate(
+                goal_label,
+                (0.98, real[goal]),
+                xycoords=ax.get_yaxis_transform(),
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="C3",
+            )
+        values = [v for line in ax.get_lines() for v in line.get_ydata()]
+        if metric == "frechet_distance" and values and min(values) > 0:
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel + " (log)")
+        if not ax.get_lines():
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    legend = axes[-1]
+    legend.axis("off")
+    legend.legend(list(handles.values()), list(handles), loc="center", fontsize=8, frameon=False)
+    band = f"; band: lowest to highest of {seeds} seeds" if seeds > 1 else ""
+    fig.suptitle(f"Sample quality over training time (seed means{band})", fontsize=12)
+    return fig
+
+
+def plot_curves(rows: list[dict], real: dict, path: str) -> str:
+    """Writes :func:`curves_figure` as the PNG ``path``; returns ``path``."""
+    return save_figure(curves_figure(rows, real), path)
 
 
 # ------------------------------------------------------------------ driver
@@ -482,7 +491,7 @@ def main(
             if not _have_snapshots(os.path.join(run, "snapshots"), times, run_overrides):
                 logger.info(f"training {recipe}, seed {seed}, {budget_s:.0f} s")
                 _launch([TRAIN], run_overrides, times, os.path.join(run, "snapshots"), os.path.join(run, "train.log"))
-            parser = _parser([TRAIN], run_overrides)
+            parser = config_parser([TRAIN], run_overrides)
             ref = Reference(parser)
             reals.append(ref.real)
             for i, t in enumerate(times):
@@ -515,33 +524,42 @@ def samples(
     recipe: str,
     seed: int = 0,
     time_s: float = 660.0,
-    latent_prior_resolution: int = 0,
-    temperature: float = 1.0,
+    latent_prior_resolution: int | list[int] = 0,
+    temperature: float | None = None,
     n: int = 4,
     work_dir: str = "runs/quality",
     output: str = "docs/images/quality_samples.png",
 ) -> str:
-    """A montage of ``n`` samples of a benchmark snapshot (top rows) above ``n`` held-out volumes (bottom rows), with the
-    post-hoc prior of the groups <= ``latent_prior_resolution``^3 when > 0."""
-    from scripts.engine.visualisation import montage, save_png
-    from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
-
+    """A montage of ``n`` samples of a benchmark snapshot per sampler (top rows) above ``n`` held-out volumes (bottom
+    rows), one grey scale. Samplers: for each r of ``latent_prior_resolution`` (a number or a list), the post-hoc prior
+    of the groups <= r^3 when r > 0, the learned priors when r = 0; at ``temperature`` (default: ``inference.json``'s).
+    Every sampler draws the same stream of ``seed``, so rows with the same index share their noise."""
     run = os.path.join(os.path.abspath(work_dir), recipe, f"seed{seed}")
     with open(os.path.join(run, "snapshots", "spec.json")) as f:
         overrides = json.load(f)["overrides"]
-    parser = _parser([TRAIN], overrides)
+    parser = config_parser([TRAIN], overrides)
+    if temperature is None:
+        temperature = from_config_file(
+            parser.get_parsed_content("bundle_root"), "configs/inference.json", "temperature"
+        )
     ref = Reference(parser)
     net = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
     net.load_state_dict(
         torch.load(os.path.join(run, "snapshots", f"snapshot_{time_s:g}s.pt"), weights_only=False)["network"]
     )
-    generator = (
-        PosthocPriorVDVAE(net.eval(), LatentPCAPrior.fit(net, ref.train, latent_prior_resolution))
-        if latent_prior_resolution
-        else net.eval()
-    )
-    shown = torch.cat([_samples(generator, n, temperature, seed), ref.heldout[:n]])
-    return save_png(montage(shown), output, upscale=3)
+    net.eval()
+    resolutions = [
+        int(r)
+        for r in ([latent_prior_resolution] if isinstance(latent_prior_resolution, int) else latent_prior_resolution)
+    ]
+    rows = {}
+    for r in resolutions:
+        generator = PosthocPriorVDVAE(net, LatentPCAPrior.fit(net, ref.train, r)) if r else net
+        name = f"post-hoc <= {r}^3" if r else "learned priors"
+        rows.update({f"{name}, sample {i}": [v] for i, v in enumerate(_samples(generator, n, temperature, seed))})
+    rows.update({f"held-out {i}": [v] for i, v in enumerate(ref.heldout[:n])})
+    title = f"{recipe}, seed {seed}, {time_s:g} s of training, T={temperature:g}: samples above held-out volumes"
+    return plot_volume_rows(rows, output, title=title)
 
 
 def report(
@@ -595,9 +613,6 @@ def run_vq(
     overrides: dict,
 ) -> list[dict]:
     """Stage 1 for ``stage1_s``, then the autoregressive prior with snapshots at the time points after it."""
-    from scripts.engine.sampling import load_weights
-    from scripts.vq.networks import VQGenerator
-
     run = os.path.join(work_dir, "vq", f"seed{seed}")
     stage1 = {
         **overrides,
@@ -622,8 +637,8 @@ def run_vq(
     if not _have_snapshots(os.path.join(run, "stage2"), later, stage2):
         logger.info(f"training the autoregressive prior, seed {seed}, {later[-1]:.0f} s")
         _launch(VQ_STAGE2, stage2, later, os.path.join(run, "stage2"), os.path.join(run, "stage2.log"))
-    parser = _parser(VQ_STAGE2, stage2)
-    ref = Reference(_parser(VQ_STAGE1, stage1))
+    parser = config_parser(VQ_STAGE2, stage2)
+    ref = Reference(config_parser(VQ_STAGE1, stage1))
     vqvae = load_weights(parser.get_parsed_content("vqvae_def"), stage1["vqvae_path"], "cpu")
     rows = []
     for i, t in enumerate(times):

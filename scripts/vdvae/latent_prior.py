@@ -10,10 +10,16 @@ Gaussian to the posterior means of the groups at resolutions <= ``down_to_resolu
 from __future__ import annotations
 
 import copy
+import logging
+import os
 
 import torch
 from torch import nn
 
+from scripts.engine.anatomy import AnatomyScore
+from scripts.engine.data import preprocess_volumes
+from scripts.engine.handlers import is_main_process
+from scripts.engine.sampling import load_weights
 from scripts.vdvae.network import VDVAE
 
 __all__ = ["LatentPCAPrior", "PosthocPriorVDVAE", "latent_prior_path", "fit_after_training", "with_latent_prior"]
@@ -112,15 +118,11 @@ class PosthocPriorVDVAE(nn.Module):
 
 def latent_prior_path(model_path: str) -> str:
     """Where the post-hoc prior of ``models/model.pt`` lives: ``models/model_latent_prior.pt``."""
-    import os
-
     return os.path.splitext(model_path)[0] + "_latent_prior.pt"
 
 
 def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int, choice: dict | None = None) -> str:
     """Writes the prior (atomically) with ``choice``, the sampler comparison of :func:`choose_sampler`."""
-    import os
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(
@@ -143,12 +145,6 @@ def fit_after_training(
     """Run at the end of train.json when ``latent_prior_resolution`` > 0: fits the post-hoc prior of the groups
     <= ``down_to_resolution``^3 of the best weights (``model_path``) to the training volumes and writes it next to
     them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
-    import logging
-
-    from scripts.engine.data import preprocess_volumes
-    from scripts.engine.handlers import is_main_process
-    from scripts.engine.sampling import load_weights
-
     if down_to_resolution <= 0 or not is_main_process():
         return None
     vae = load_weights(
@@ -174,8 +170,6 @@ def choose_sampler(vae: VDVAE, prior: LatentPCAPrior, num_samples: int = 16, see
     """Which sampler ``inference.json`` and ``evaluate.json`` use by default (``use_latent_prior`` "auto"): the one
     whose ``num_samples`` samples at T = 1 have the higher mean anatomy score (:mod:`scripts.engine.anatomy`), the
     post-hoc prior on a tie. Returns {"sampler", "anatomy_score": {"posthoc", "learned"}, "num_samples", "seed"}."""
-    from scripts.engine.anatomy import AnatomyScore
-
     if vae.resolution < 8:  # too small for the anatomy score: keep the post-hoc prior
         return {"sampler": "posthoc", "anatomy_score": None, "num_samples": 0, "seed": seed}
     score = AnatomyScore(vae.resolution)
@@ -191,9 +185,6 @@ def choose_sampler(vae: VDVAE, prior: LatentPCAPrior, num_samples: int = 16, see
 def with_latent_prior(vae: VDVAE, model_path: str, use: bool | str = "auto") -> nn.Module:
     """``vae`` wrapped in :class:`PosthocPriorVDVAE` when a post-hoc prior lies next to ``model_path`` and ``use`` is
     True, or "auto" and the training's comparison (:func:`choose_sampler`) chose it; ``vae`` itself otherwise."""
-    import logging
-    import os
-
     if use not in (True, False, "auto"):
         raise ValueError(f"use_latent_prior must be true, false or 'auto', got {use!r}")
     path = latent_prior_path(model_path)

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scripts.engine.metrics import summary
+from scripts.vdvae.loss import negative_elbo_terms
+
 __all__ = [
     "VDVAE",
     "VDVAETrainingStep",
@@ -534,6 +537,8 @@ class VDVAE(nn.Module):
         self.fixed_x_scale = float(fixed_x_scale)
         self.shared_x_scale = bool(shared_x_scale) and self.predict_x_scale
         self.temperature_mode = temperature_mode
+        self.full_resolution_residual = bool(full_resolution_residual)
+        self.hidden_lo, self.hidden_hi = float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1])
         self.out_lo, self.out_hi = float(scale_output_clamp_bounds[0]), float(scale_output_clamp_bounds[1])
         self.top_channels = channels_top_down[-1]
         # init scaling of the last convolution of residual blocks, as in the reference
@@ -634,6 +639,19 @@ class VDVAE(nn.Module):
             m.activation_checkpointing = self.activation_checkpointing
 
     # ------------------------------------------------------------------ helpers
+    def function_options(self) -> dict:
+        """The constructor options (config keys) that change what a set of weights computes without changing the
+        names or shapes of its tensors. Saved next to the weights (``model.json``) and checked when they are loaded,
+        so weights are never run as another function. ``temperature_mode`` is a sampling choice and not listed."""
+        return {
+            "full_resolution_residual": self.full_resolution_residual,
+            "shared_x_scale": self.shared_x_scale,
+            "predict_x_scale": self.predict_x_scale,
+            "output_activation_function": "tanh" if self.output_tanh else "identity",
+            "scale_hidden_clamp_bounds": [self.hidden_lo, self.hidden_hi],
+            "scale_output_clamp_bounds": [self.out_lo, self.out_hi],
+        }
+
     @property
     def num_latent_groups(self) -> int:
         return len(self.decoder_blocks)
@@ -794,8 +812,6 @@ class VDVAE(nn.Module):
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Negative ELBO per volume: see :func:`scripts.vdvae.loss.negative_elbo_terms` for the units."""
-        from scripts.vdvae.loss import negative_elbo_terms
-
         mean, scale, kl = self.forward_train(x)
         return negative_elbo_terms(x, mean, scale, kl)
 
@@ -815,8 +831,6 @@ class VDVAE(nn.Module):
     def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
         """Negative ELBO per voxel (summary over volumes) and the KL of each latent group, with the groups whose mean
         KL exceeds ``kl_active_threshold`` nats per volume called active."""
-        from scripts.engine.evaluation import summary
-
         kl = terms["kl_per_group"]  # (N, G) nats per volume
         resolutions, dims = self.group_resolutions(), self.latent_dims_per_group()
         groups = []

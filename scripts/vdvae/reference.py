@@ -20,6 +20,7 @@ Command line (writes a plain state dict for ``network_def``)::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -33,6 +34,7 @@ __all__ = [
     "convert_reference_state_dict",
     "to_reference_state_dict",
     "convert",
+    "REFERENCE_OPTIONS",
 ]
 
 REFERENCE_GRAPHS = {
@@ -141,6 +143,24 @@ def to_reference_state_dict(net: VDVAE) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+REFERENCE_OPTIONS = {
+    "full_resolution_residual": False,
+    "shared_x_scale": False,
+    "predict_x_scale": True,
+    "output_activation_function": "tanh",
+    "scale_hidden_clamp_bounds": [0.001, 1.0],
+    "scale_output_clamp_bounds": [0.01, 1.0],
+    "temperature_mode": "latent",
+    "gradient_skip_factor": 0.0,
+}
+"""The config keys that make ``network_def`` (and fine-tuning's skip rule) compute the reference's function, with the
+reference's values. The architecture lists and ``resolution`` are checked by the tensors' shapes instead."""
+
+
+def _option(value) -> str:
+    return f"'{json.dumps(value, separators=(',', ':'))}'" if isinstance(value, list) else str(value)
+
+
 def convert(
     reference_checkpoint: str,
     config_file: str | list[str] = "configs/train.json",
@@ -148,30 +168,54 @@ def convert(
     **override,
 ) -> str:
     """Reads ``reference_checkpoint``, builds ``network_def`` from ``config_file`` (a path or a list of overlays,
-    plus any ``--key value`` overrides), loads the converted weights into it (so a mismatch stops here) and saves
-    the plain state dict to ``output`` (default: the config's ``model_path``). Returns the path written."""
+    plus any ``--key value`` overrides) with every key of :data:`REFERENCE_OPTIONS` set to the reference's value
+    (printing each one it changed; an override asking for another value stops with an error naming it), loads the
+    converted weights into it (so an architecture mismatch stops here) and saves the plain state dict to ``output``
+    (default: the config's ``model_path``) with its ``model.json`` recording the options, which every config that
+    loads the weights then checks. Returns the path written."""
     from monai.bundle import ConfigParser
 
     if not os.path.isfile(reference_checkpoint):
         raise FileNotFoundError(f"reference_checkpoint {reference_checkpoint!r} does not exist")
+    refused = {k: v for k, v in override.items() if k in REFERENCE_OPTIONS and v != REFERENCE_OPTIONS[k]}
+    if refused:
+        raise ValueError(
+            "a reference checkpoint computes the reference's function, but "
+            + ", ".join(f"--{k} {_option(v)}" for k, v in refused.items())
+            + " would make the network compute another one with its weights; the reference has "
+            + ", ".join(f"{k} {_option(REFERENCE_OPTIONS[k])}" for k in refused)
+            + ": drop these options"
+        )
     parser = ConfigParser()
     parser.read_config(config_file)
     for key, value in override.items():
         parser[key] = value
+    changed = []
+    for key, value in REFERENCE_OPTIONS.items():
+        if key in parser and parser[key] != value:
+            changed.append(f"--{key} {_option(value)}")
+            parser[key] = value
     net = parser.get_parsed_content("network_def")
-    if net.shared_x_scale:
-        raise ValueError(
-            f"{config_file}: network_def has shared_x_scale true, but the reference's models predict a per-voxel output "
-            "scale: add --shared_x_scale False (the presets configs/vdvae_*.json set it), and pass the same option to "
-            "inference.json, evaluate.json and reconstruct.json"
-        )
     checkpoint = torch.load(reference_checkpoint, map_location="cpu", weights_only=False)
     state = convert_reference_state_dict(checkpoint, net, source=reference_checkpoint)
     net.load_state_dict(state)
     output = output or parser.get_parsed_content("model_path")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     torch.save(state, output)
+    sidecar = os.path.splitext(output)[0] + ".json"
+    with open(sidecar, "w") as f:
+        json.dump(
+            {"converted_from": os.path.abspath(reference_checkpoint), "network_options": net.function_options()},
+            f,
+            indent=1,
+        )
     print(f"wrote {output}: {sum(t.numel() for t in state.values()):,} parameters from {reference_checkpoint}")
+    if changed:
+        print(
+            f"set to the reference's function (the configs had other values): {' '.join(changed)}; pass the same "
+            "options (or a preset overlay such as configs/vdvae_32.json) to inference.json, evaluate.json, "
+            f"reconstruct.json and anomaly.json: {sidecar} records them and loading stops when they differ"
+        )
     return output
 
 

@@ -9,7 +9,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.data import DataLoader, Dataset
 
+from scripts.engine.data import find_niftis
+from scripts.engine.sampling import nifti_array, read_sidecar, save_nifti
+from scripts.engine.visualisation import plot_volume_rows
 from scripts.vq.networks import VQGenerator
 
 logger = logging.getLogger(__name__)
@@ -51,14 +55,8 @@ def complete_volumes(
     :func:`region_token_mask`) and lets the prior generate the rest. Writes, per input ``<name>``,
     ``<name>_input.nii.gz`` (the preprocessed input), ``<name>_given.nii.gz`` (the input where tokens were kept,
     -1 elsewhere on the [-1, 1] scale) and ``<name>_completed.nii.gz``, on the training grid and intensity window
-    (sidecar of ``model_path``), plus ``completion.png`` (rows: given | completed | input). Batch b is seeded
-    with ``seed + b``. Returns the paths of the completed volumes."""
-    from monai.data import DataLoader, Dataset
-
-    from scripts.engine.data import find_niftis
-    from scripts.engine.sampling import nifti_array, read_sidecar, save_nifti
-    from scripts.engine.visualisation import montage, save_png
-
+    (sidecar of ``model_path``), plus ``completion.png`` (one row per input, up to 8: given | completed | input).
+    Batch b is seeded with ``seed + b``. Returns the paths of the completed volumes."""
     if isinstance(files, str):
         files = find_niftis(files)
     if not files:
@@ -69,7 +67,7 @@ def complete_volumes(
     generator = generator.to(device).eval()
     os.makedirs(output_dir, exist_ok=True)
     loader = DataLoader(Dataset([{"image": f} for f in files], preprocessing), batch_size=batch_size, shuffle=False)
-    written, rows, i = [], [], 0
+    written, rows, i = [], {}, 0
     for b, batch in enumerate(loader):
         x = batch["image"]
         x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device).float()
@@ -95,9 +93,14 @@ def complete_volumes(
                 )
             written.append(path)
             if len(rows) < 8:
-                rows.append(torch.cat([given[item], completed[item].float().clamp(-1, 1), x[item]], dim=0).cpu())
+                rows[name] = [v.cpu() for v in (given[item], completed[item].float().clamp(-1, 1), x[item])]
             i += 1
         logger.info(f"completion: {i}/{len(files)} volumes")
-    save_png(montage(torch.stack(rows)), os.path.join(output_dir, "completion.png"))
+    plot_volume_rows(
+        rows,
+        os.path.join(output_dir, "completion.png"),
+        title=f"masked completion (kept region: {keep})",
+        column_titles=["given", "completed", "input"],
+    )
     logger.info(f"wrote {len(written)} completions to {output_dir}")
     return written

@@ -28,7 +28,11 @@ from monai.networks.nets import DecoderOnlyTransformer
 from monai.utils.ordering import Ordering
 from torch import nn
 
+from scripts.engine.metrics import summary
+
 __all__ = [
+    "STAGE1_COMMAND",
+    "stage2_command",
     "VQVAE",
     "VQVAETrainingStep",
     "codebook_usage",
@@ -496,8 +500,6 @@ class VQGenerator(nn.Module):
 
     def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
         """The prior's bits per token of the held-out token grids (``kl_active_threshold`` does not apply)."""
-        from scripts.engine.evaluation import summary
-
         bits = terms["bits_per_token"].numpy()
         tokens = math.prod(self.vqvae.token_grid)
         return {
@@ -537,6 +539,18 @@ def require_prior(network: nn.Module) -> nn.Module:
             "configs/vq_prior_autoregressive.json or configs/vq_prior_absorbing.json"
         )
     return network
+
+
+STAGE1_COMMAND = "python -m monai.bundle run --config_file configs/vqvae_train.json"
+
+
+def stage2_command(prior: str) -> str:
+    """The command that trains the prior ``prior`` and writes ``models/vq_prior_<prior>.pt``, for error messages."""
+    return (
+        "python -m monai.bundle run --config_file "
+        f"\"['configs/vqvae_train.json','configs/vq_prior.json','configs/vq_prior_{prior}.json']\" "
+        f"(the prior of --prior {prior}; --prior chooses another trained one)"
+    )
 
 
 def select_prior(priors: dict, name: str) -> nn.Module:

@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from scripts.vq.networks import VQVAE, codebook_usage
+from scripts.engine.sampling import load_weights
+from scripts.vq.networks import STAGE1_COMMAND, VQVAE, codebook_usage
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +23,7 @@ def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.devi
     ({"train": ..., "val": ...}, deterministic preprocessing) and saves {split: {"tokens": (N, *grid) int16,
     "files": [...], "codebook_usage": {...}}, "vqvae": vqvae_path, ...} to ``path`` (atomically) for stage 2.
     Logs progress."""
-    from scripts.engine.sampling import load_weights
-
-    vqvae = load_weights(vqvae, vqvae_path, device)
+    vqvae = load_weights(vqvae, vqvae_path, device, "vqvae_path", STAGE1_COMMAND)
     vqvae = vqvae.to(device).eval()
     out: dict = {"vqvae": vqvae_path, "token_grid": list(vqvae.token_grid), "num_embeddings": vqvae.num_embeddings}
     for split, loader in loaders.items():
