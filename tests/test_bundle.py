@@ -13,6 +13,7 @@ from scripts.engine.config import check_hyperparameters, family_schema
 from scripts.engine.handlers import latest_checkpoint
 from scripts.engine.sampling import draw_samples
 from scripts.vdvae.network import VDVAE
+from scripts.vdvae.trainer import is_prior_parameter, trainable_parameters
 from tests.conftest import ROOT, tiny_architecture
 
 
@@ -79,6 +80,35 @@ def test_train_writes_model_and_resumable_checkpoint_then_resumes(tmp_path, nift
     assert "Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     full = torch.load(latest_checkpoint(os.path.join(out, "checkpoints")), weights_only=True)
     assert full["trainer"]["iteration"] == 6
+
+
+def test_prior_only_fine_tuning_changes_the_priors_alone(tmp_path, nifti_dir):
+    first = str(tmp_path / "first")
+    run_bundle(tiny_overrides(nifti_dir, first, max_epochs=1))
+    start = torch.load(os.path.join(first, "model.pt"), weights_only=True)
+    tuned_dir = str(tmp_path / "tuned")
+    run_bundle(
+        tiny_overrides(
+            nifti_dir, tuned_dir, max_epochs=1, init_weights=os.path.join(first, "model.pt"), train_only="priors"
+        )
+    )
+    tuned = torch.load(os.path.join(tuned_dir, "model.pt"), weights_only=True)
+    names = dict(VDVAE(16, **tiny_architecture(16), shared_x_scale=True).named_parameters())
+    assert set(names) <= set(tuned)
+    priors = [n for n in names if is_prior_parameter(n)]
+    assert priors and len(priors) < len(names)
+    for n in names:
+        if is_prior_parameter(n):
+            continue
+        assert torch.equal(tuned[n], start[n]), f"{n} changed although only the priors train"
+    assert any(not torch.equal(tuned[n], start[n]) for n in priors)  # the priors did learn
+    with pytest.raises(ValueError, match="train_only must be one of"):
+        trainable_parameters(VDVAE(16, **tiny_architecture(16)), "decoder")
+    # a missing init file names the option
+    proc = run_bundle(
+        tiny_overrides(nifti_dir, str(tmp_path / "x"), init_weights=str(tmp_path / "none.pt")), check=False
+    )
+    assert proc.returncode != 0 and "--init_weights" in proc.stdout + proc.stderr
 
 
 def test_resume_is_exact_at_epoch_boundaries(tmp_path, nifti_dir):

@@ -4,7 +4,16 @@ latents."""
 import pytest
 import torch
 
-from scripts.vdvae.latent_prior import LatentPCAPrior, PosthocPriorVDVAE
+from scripts.engine.anatomy import AnatomyScore
+from scripts.engine.sampling import draw_samples
+from scripts.vdvae.latent_prior import (
+    LatentPCAPrior,
+    PosthocPriorVDVAE,
+    choose_sampler,
+    latent_prior_path,
+    save_latent_prior,
+    with_latent_prior,
+)
 from scripts.vdvae.network import VDVAE
 from tests.conftest import tiny_architecture
 
@@ -128,13 +137,17 @@ def test_posthoc_prior_model_is_the_vdvae_but_for_sampling():
 
 
 def test_auto_sampler_follows_the_comparison_made_after_training(net_and_data, tmp_path):
-    from scripts.vdvae.latent_prior import choose_sampler, latent_prior_path, save_latent_prior, with_latent_prior
-
     net, x = net_and_data
     prior = LatentPCAPrior.fit(net, x, 4)
-    choice = choose_sampler(net, prior, num_samples=4)
+    choice = choose_sampler(net, prior, num_samples=4, temperature=0.7)
     scores = choice["anatomy_score"]
-    assert set(scores) == {"posthoc", "learned"} and choice["num_samples"] == 4
+    assert set(scores) == {"posthoc", "learned"} and choice["num_samples"] == 4 and choice["temperature"] == 0.7
+    # the compared samples are the volumes inference.json draws at that temperature (seed 0, samples 0-3)
+    score = AnatomyScore(net.resolution)
+    for name, generator in (("learned", net), ("posthoc", PosthocPriorVDVAE(net, prior))):
+        drawn = draw_samples(generator, 0.7, 0, range(4))
+        assert scores[name] == pytest.approx(float(score.score_all(drawn).mean()), abs=1e-6)
+    assert choose_sampler(net, prior, num_samples=4, temperature=1.5)["anatomy_score"] != scores
     assert choice["sampler"] == ("learned" if scores["learned"] > scores["posthoc"] else "posthoc")
     model = str(tmp_path / "model.pt")
     for sampler, auto_type in (("learned", VDVAE), ("posthoc", PosthocPriorVDVAE)):

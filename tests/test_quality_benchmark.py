@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Engine
 
 from scripts.engine.handlers import WallClockSnapshots
+from scripts.tools import quality_benchmark
 from scripts.tools.quality_benchmark import CURVES, Reference, config_parser, curves_figure, main, plot_curves
 from tests.test_bundle import tiny_overrides
 from tests.test_figures import png_size
@@ -107,7 +108,7 @@ def test_curves_figure(tmp_path):
     assert png_size(path) == (round(fig.get_figheight() * fig.dpi), round(fig.get_figwidth() * fig.dpi))
 
 
-def test_tiny_end_to_end_run(nifti_dir, tmp_path):
+def test_tiny_end_to_end_run(nifti_dir, tmp_path, monkeypatch):
     """Two recipes, one seed, two snapshots of a 16^3 model: every row is measured and reported."""
     overrides = {
         k: v
@@ -184,3 +185,18 @@ def test_tiny_end_to_end_run(nifti_dir, tmp_path):
     assert len(again["rows"]) == 8 and "`, then `" in again["command"]
     with pytest.raises(ValueError, match="unknown recipe"):
         main(recipes=["nonsense"], vq=False)
+    with pytest.raises(ValueError, match="resolutions >= 1"):
+        main(recipes=["default"], vq=False, latent_prior_resolutions=[0, 8])
+    # the montage: each sampler's draws of one stream, then held-out volumes, at one grey scale
+    drawn = {}
+    monkeypatch.setattr(quality_benchmark, "plot_volume_rows", lambda rows, path, title: drawn.update(rows) or path)
+    quality_benchmark.samples("default", 0, 3, [8, 0], 0.8, 2, str(tmp_path / "runs"), str(tmp_path / "m.png"))
+    assert list(drawn) == [
+        "post-hoc <= 8^3, sample 0",
+        "post-hoc <= 8^3, sample 1",
+        "learned priors, sample 0",
+        "learned priors, sample 1",
+        "held-out 0",
+        "held-out 1",
+    ]
+    assert not torch.equal(torch.as_tensor(drawn["post-hoc <= 8^3, sample 0"][0]), drawn["learned priors, sample 0"][0])

@@ -7,21 +7,32 @@ synthetic lesions -> docs/anomaly.md.
 
 The held-out volumes of the VDVAE run (its ``data_split.json`` validation files) are preprocessed as in training and
 split in two halves: *validation* (choosing each method's options and its threshold) and *test* (every figure of
-the tables). Into every healthy volume, ``draws`` lesions of each kind are synthesised on the model's grid, with
-their masks:
+the tables). Every choice follows one rule (:func:`choose_by_shortfall`): among the candidates of a choice, the one
+whose validation best Dice trails the best candidate least on its worst lesion kind (minimax shortfall), near-ties by
+the mean over the kinds; each family's default (``defaults`` of the results, the report's *Defaults: the largest
+shortfall*) is its row so chosen.
 
-* ``hyperintense`` / ``hypointense``: a soft-edged ellipsoid (radii 1.5-3.5 voxels at 32^3) inside the brain, whose
-  intensity rises / falls by 0.3-0.9 on the [-1, 1] scale;
-* ``mass_effect``: a radial displacement field (2-3 voxels wide, peak 0.35-0.55 of the width, so 0.7-1.65 voxels)
+Every held-out volume gives ``anatomies`` healthy anatomies: the volume itself and ``anatomies - 1``
+copies under a random small affine (:func:`random_anatomy`: rotation up to 8 degrees about each axis, scale
+0.92-1.08 per axis, shift up to 1 voxel, about the grid's centre; trilinear, background outside), each copy being the
+healthy reference of the lesions put into it (its own brain mask). Into every anatomy, ``draws`` lesions of each kind
+are synthesised on the model's grid, with their masks, centred anywhere in the brain mask (the edge and the
+ventricles included):
+
+* ``hyperintense`` / ``hypointense``: a soft-edged ellipsoid (radii 1-5 voxels at 32^3), whose intensity rises /
+  falls by 0.15-1.0 on the [-1, 1] scale (subtle to strong), within the brain;
+* ``mass_effect``: a radial displacement field (1.5-3 voxels wide, peak 0.35-0.55 of the width, so 0.5-1.65 voxels)
   that pushes the tissue away from a centre (torch ``grid_sample``); mask: the voxels moved by at least half the
   peak displacement and the stretched core inside the peak, where the intensity changed by >= 0.1 (homogeneous
   tissue that moved leaves nothing to detect);
-* ``mass_effect_large``: the same, 3-4 voxels wide with a peak of 0.45-0.55 of the width (1.35-2.2 voxels, 10-16 mm
+* ``mass_effect_large``: the same, 3-4.5 voxels wide with a peak of 0.45-0.55 of the width (1.35-2.5 voxels, 10-18 mm
   at 32^3: a large tumour's);
-* ``artefact``: a stripe 1.5-3 voxels wide across the volume whose intensity (above the background) is scaled by
-  1 +- 0.25-0.5 (brighter or darker); mask: the stripe inside the brain.
+* ``artefact``: a stripe 1-4 voxels wide across the volume, anywhere within 10-90% of the brain's extent, whose
+  intensity (above the background) is scaled by 1 +- 0.15-0.6 (brighter or darker); mask: the stripe inside the
+  brain.
 
-Sizes scale with the resolution. Metrics within the brain mask (the healthy volume's foreground, holes filled),
+Sizes scale with the resolution. Everything is seeded by ``seed``: anatomies with ``[seed, 100 + volume]``, each
+kind's lesions with ``[seed, kind]`` (the test half with ``seed + 1``). Metrics within the brain mask (the healthy volume's foreground, holes filled),
 pooled over the volumes of a kind: voxel AUROC and AUPRC, the best Dice over thresholds, the Dice at the threshold
 that is best on the validation half for that kind (what a user gets), and the per-volume AUROC of the score
 (``scripts.engine.anomaly.volume_scores``) between the healthy and the lesioned test volumes. Out-of-distribution
@@ -91,13 +102,29 @@ def _warp(x: torch.Tensor, positions: torch.Tensor, fill: float | None = None) -
     return F.grid_sample(x[None] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0] + fill
 
 
-def _centre(brain: np.ndarray, margin: float, rng: np.random.Generator) -> np.ndarray:
-    """A random voxel of ``brain`` at least ``margin`` voxels from its edge (or any brain voxel)."""
-    from scipy.ndimage import binary_erosion
-
-    inner = binary_erosion(brain, iterations=max(1, int(round(margin))))
-    candidates = np.argwhere(inner if inner.any() else brain)
+def _centre(brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random voxel of ``brain``, anywhere in it (the edge and the ventricles, which the filled mask holds,
+    included)."""
+    candidates = np.argwhere(brain)
     return candidates[rng.integers(len(candidates))].astype(np.float32)
+
+
+def random_anatomy(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """x (1, R, R, R) under a random small affine about the grid's centre (see the module docstring): another
+    plausible anatomy, registered well enough to be a healthy reference (the out-of-distribution ``rotated`` case
+    turns by 20 degrees)."""
+    r = x.shape[-1]
+    rot = torch.eye(3)
+    for axis, angle in enumerate(np.deg2rad(rng.uniform(-8.0, 8.0, 3))):
+        i, j = [a for a in range(3) if a != axis]
+        m = torch.eye(3)
+        m[i, i], m[i, j], m[j, i], m[j, j] = np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)
+        rot = rot @ m
+    scale = torch.as_tensor(rng.uniform(0.92, 1.08, 3), dtype=torch.float32)
+    shift = torch.as_tensor(rng.uniform(-1.0, 1.0, 3) * r / 32.0, dtype=torch.float32)
+    centre = torch.full((3,), (r - 1) / 2.0)
+    a = rot / scale[None, :]  # output voxel -> source voxel: inverse scale, then rotation
+    return _warp(x, (_coords(r) - centre - shift) @ a.T + centre, fill=-1.0).clamp(-1.0, 1.0)
 
 
 def synthesise(
@@ -110,17 +137,17 @@ def synthesise(
     p = _coords(r)
     b = torch.as_tensor(brain, dtype=torch.float32)
     if kind in ("hyperintense", "hypointense"):
-        radii = torch.as_tensor(rng.uniform(1.5, 3.5, 3) * s, dtype=torch.float32)
-        c = torch.as_tensor(_centre(brain, 2.0 * s, rng))
+        radii = torch.as_tensor(rng.uniform(1.0, 5.0, 3) * s, dtype=torch.float32)
+        c = torch.as_tensor(_centre(brain, rng))
         d = (((p - c) / radii) ** 2).sum(-1).sqrt()
         w = torch.sigmoid((1.0 - d) / 0.15) * b
-        contrast = float(rng.uniform(0.3, 0.9)) * (1.0 if kind == "hyperintense" else -1.0)
+        contrast = float(rng.uniform(0.15, 1.0)) * (1.0 if kind == "hyperintense" else -1.0)
         return (x + contrast * w).clamp(-1.0, 1.0), ((d <= 1.0).numpy() & brain)
     if kind in ("mass_effect", "mass_effect_large"):
         large = kind == "mass_effect_large"
-        sigma = float(rng.uniform(3.0, 4.0) if large else rng.uniform(2.0, 3.0)) * s
+        sigma = float(rng.uniform(3.0, 4.5) if large else rng.uniform(1.5, 3.0)) * s
         amplitude = float(rng.uniform(0.45 if large else 0.35, 0.55)) * sigma  # < 0.6 sigma: the map does not fold
-        c = torch.as_tensor(_centre(brain, sigma, rng))
+        c = torch.as_tensor(_centre(brain, rng))
         v = p - c
         dist = v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         shift = amplitude * (dist / sigma) * torch.exp(0.5 * (1.0 - (dist / sigma) ** 2))  # peak `amplitude` at sigma
@@ -132,10 +159,10 @@ def synthesise(
         axis = int(rng.integers(3))
         extent = np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))[0]
         lo, hi = extent.min(), extent.max()
-        t0 = float(rng.uniform(lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo)))
-        width = float(rng.uniform(1.5, 3.0)) * s
+        t0 = float(rng.uniform(lo + 0.1 * (hi - lo), lo + 0.9 * (hi - lo)))
+        width = float(rng.uniform(1.0, 4.0)) * s
         w = torch.sigmoid((width / 2.0 - (p[..., axis] - t0).abs()) / 0.5)
-        factor = 1.0 + float(rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.5))
+        factor = 1.0 + float(rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.6))
         out = (-1.0 + (x + 1.0) * (1.0 + (factor - 1.0) * w)).clamp(-1.0, 1.0)
         return out, ((w >= 0.5).numpy() & brain)
     raise ValueError(f"unknown lesion kind {kind!r}; choose among {LESIONS}")
@@ -167,24 +194,34 @@ def out_of_distribution(x: torch.Tensor, brain: np.ndarray, kind: str, rng: np.r
     raise ValueError(f"unknown out-of-distribution kind {kind!r}; choose among {OOD_KINDS}")
 
 
-def build_cases(volumes: torch.Tensor, brains: list[np.ndarray], draws: int, seed: int) -> list[dict]:
-    """Healthy cases (one per volume) and ``draws`` lesioned cases per kind and volume: dicts with "kind", "x" (1, R,
-    R, R), "mask" (R, R, R) bool (empty for healthy ones), "brain", "region" (the brain eroded by one voxel at 32^3,
-    where every metric is measured: the brain's outline, where every model errs, is left out as in Baur et al. 2021)
-    and "volume" (index)."""
+def build_cases(
+    volumes: torch.Tensor, brains: list[np.ndarray], draws: int, seed: int, anatomies: int = 1
+) -> list[dict]:
+    """Healthy cases (one per anatomy: each volume and ``anatomies - 1`` :func:`random_anatomy` copies of it) and
+    ``draws`` lesioned cases per kind and anatomy: dicts with "kind", "x" (1, R, R, R), "mask" (R, R, R) bool (empty
+    for healthy ones), "brain", "region" (the brain eroded by one voxel at 32^3, where every metric is measured: the
+    brain's outline, where every model errs, is left out as in Baur et al. 2021), "volume" (index) and "anatomy"
+    (0: the volume as is)."""
     from scipy.ndimage import binary_erosion
 
-    regions = [binary_erosion(b, iterations=max(1, round(v.shape[-1] / 32))) for v, b in zip(volumes, brains)]
+    bases = []  # (volume index, anatomy index, x, brain)
+    for i, (v, b) in enumerate(zip(volumes, brains)):
+        rng = np.random.default_rng([seed, 100 + i])
+        bases.append((i, 0, v, b))
+        for a in range(1, anatomies):
+            w = random_anatomy(v, rng)
+            bases.append((i, a, w, brain_mask(w)))
+    regions = [binary_erosion(b, iterations=max(1, round(v.shape[-1] / 32))) for _, _, v, b in bases]
     cases = [
-        {"kind": "healthy", "x": v, "mask": np.zeros_like(b), "brain": b, "region": g, "volume": i}
-        for i, (v, b, g) in enumerate(zip(volumes, brains, regions))
+        {"kind": "healthy", "x": v, "mask": np.zeros_like(b), "brain": b, "region": g, "volume": i, "anatomy": a}
+        for (i, a, v, b), g in zip(bases, regions)
     ]
     for k, kind in enumerate(LESIONS):
         rng = np.random.default_rng([seed, k])
-        for i, (v, b, g) in enumerate(zip(volumes, brains, regions)):
+        for (i, a, v, b), g in zip(bases, regions):
             for _ in range(draws):
                 xl, mask = synthesise(v, b, kind, rng)
-                cases.append({"kind": kind, "x": xl, "mask": mask, "brain": b, "region": g, "volume": i})
+                cases.append({"kind": kind, "x": xl, "mask": mask, "brain": b, "region": g, "volume": i, "anatomy": a})
     return cases
 
 
@@ -247,10 +284,36 @@ def kind_threshold(maps: np.ndarray, cases: list[dict], kind: str) -> float:
     return best_dice(s, y)[1]
 
 
-def _mean_best_dice(
-    maps: np.ndarray, cases: list[dict], top_fraction: float, kinds: tuple[str, ...] = LESIONS
-) -> float:
-    return float(np.mean([lesion_metrics(maps, cases, k, None, top_fraction)["best_dice"] for k in kinds]))
+def kind_best_dice(maps: np.ndarray, cases: list[dict], kinds: tuple[str, ...] = LESIONS) -> dict[str, float]:
+    """{kind: best Dice over thresholds of the cases of that kind (pooled, within their regions)}."""
+    out = {}
+    for kind in kinds:
+        idx = [i for i, c in enumerate(cases) if c["kind"] == kind]
+        s = np.concatenate([maps[i][cases[i]["region"]] for i in idx])
+        y = np.concatenate([cases[i]["mask"][cases[i]["region"]] for i in idx])
+        out[kind] = float(best_dice(s, y)[0])
+    return out
+
+
+TIE = 0.01  # largest shortfalls closer than this are a tie, decided by the mean
+
+
+def largest_shortfall(per_kind: dict[str, float], top: dict[str, float]) -> float:
+    """The most a candidate's per-kind validation best Dice trails ``top`` (the best candidate's, per kind) on any
+    kind: 0 for a candidate best on every kind."""
+    return float(max(top[k] - v for k, v in per_kind.items()))
+
+
+def choose_by_shortfall(candidates: dict) -> object:
+    """The key of ``candidates`` ({key: {kind: validation best Dice}}) that the rule picks: the smallest largest
+    shortfall to the best candidate on any kind (:func:`largest_shortfall`; minimax regret), shortfalls within
+    :data:`TIE` of the smallest tied and decided by the highest mean over the kinds; among exact ties the first.
+    Kinds on which every candidate sits near chance add nothing, so they cannot decide."""
+    kinds = next(iter(candidates.values())).keys()
+    top = {k: max(v[k] for v in candidates.values()) for k in kinds}
+    gaps = {c: largest_shortfall(v, top) for c, v in candidates.items()}
+    tied = [c for c in candidates if gaps[c] <= min(gaps.values()) + TIE]
+    return max(tied, key=lambda c: float(np.mean(list(candidates[c].values()))))
 
 
 def _smooth(maps: np.ndarray, size: int) -> np.ndarray:
@@ -258,11 +321,41 @@ def _smooth(maps: np.ndarray, size: int) -> np.ndarray:
     return smooth_maps(torch.as_tensor(maps)[:, None], size)[:, 0].numpy()
 
 
-def choose_smoothing(maps: np.ndarray, cases: list[dict], top_fraction: float) -> tuple[int, dict[int, float]]:
-    """The candidate of :data:`SMOOTHING` with the highest mean best Dice on the (validation) ``cases``, and every
-    candidate's figure."""
-    figures = {k: _mean_best_dice(_smooth(maps, k), cases, top_fraction) for k in SMOOTHING}
-    return max(figures, key=figures.get), figures
+def choose_smoothing(maps: np.ndarray, cases: list[dict]) -> tuple[int, dict[int, dict[str, float]]]:
+    """The candidate of :data:`SMOOTHING` that :func:`choose_by_shortfall` picks on the (validation) ``cases``, and
+    every candidate's per-kind best Dice."""
+    figures = {k: kind_best_dice(_smooth(maps, k), cases) for k in SMOOTHING}
+    return choose_by_shortfall(figures), figures
+
+
+def _selection_row(choice: str | None, method: str, option: str, per_kind: dict[str, float]) -> dict:
+    """A candidate of the choice ``choice`` (None: recorded for comparison, not a candidate)."""
+    return {
+        "choice": choice,
+        "method": method,
+        "option": option,
+        "validation_best_dice": per_kind,
+        "mean_validation_best_dice": float(np.mean(list(per_kind.values()))),
+    }
+
+
+def mark_choices(selection: list[dict]) -> None:
+    """Adds to every candidate row its ``largest_shortfall`` to the best candidate of its choice on any kind and
+    whether the rule ``chosen`` it (:func:`choose_by_shortfall`)."""
+    for choice in dict.fromkeys(r["choice"] for r in selection if r["choice"] is not None):
+        rows = [r for r in selection if r["choice"] == choice]
+        figures = {i: r["validation_best_dice"] for i, r in enumerate(rows)}
+        top = {k: max(v[k] for v in figures.values()) for k in figures[0]}
+        picked = choose_by_shortfall(figures)
+        for i, r in enumerate(rows):
+            r["largest_shortfall"] = largest_shortfall(r["validation_best_dice"], top)
+            r["chosen"] = i == picked
+
+
+def family_of(name: str) -> str | None:
+    """The overlay family of a method row: "VDVAE" (configs/anomaly.json), "VQ" (configs/vq_anomaly.json) or None
+    (intensity thresholding, a reference)."""
+    return next((f for f in ("VDVAE", "VQ") if name.startswith(f + " ")), None)
 
 
 def _parser(config_files: list[str], overrides: dict):
@@ -328,6 +421,7 @@ def main(
     kl_resolutions: list[int] | None = None,
     thresholds: list[float] | None = None,
     draws: int = 2,
+    anatomies: int = 2,
     max_volumes: int = 0,
     batch_size: int = 8,
     top_fraction: float = 0.01,
@@ -348,7 +442,8 @@ def main(
             the draws measured (1 and ``num_draws`` are reported).
         kl_resolutions: ``kl`` candidates (default: every latent resolution from 4 up), all from one pass.
         thresholds: ``resample`` candidates (default [0.001, 0.01, 0.1]).
-        draws: lesions per kind and healthy volume; ``max_volumes``: use only the first N held-out volumes (0: all).
+        draws: lesions per kind and anatomy; ``anatomies``: anatomies per held-out volume (the volume and
+            ``anatomies - 1`` random small affines of it); ``max_volumes``: use only the first N held-out volumes (0: all).
         batch_size, top_fraction, seed: batching, the per-volume score, and the seed of lesions and latent draws.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -382,8 +477,8 @@ def main(
     brains = [brain_mask(v) for v in volumes]
     half = len(files) // 2
     splits = {
-        "validation": build_cases(volumes[:half], brains[:half], draws, seed),
-        "test": build_cases(volumes[half:], brains[half:], draws, seed + 1),
+        "validation": build_cases(volumes[:half], brains[:half], draws, seed, anatomies),
+        "test": build_cases(volumes[half:], brains[half:], draws, seed + 1, anatomies),
     }
     ood_rng = np.random.default_rng([seed, 99])
     ood_cases = [
@@ -412,33 +507,35 @@ def main(
         count = len(next(iter(per_split.values())))
         return [{s: per_split[s][d] for s in splits_} for d in range(count)]
 
-    def add(name: str, maps: dict, smoothing: int | None = None) -> None:
+    def add(name: str, maps: dict, smoothing: int | None = None, config: dict | None = None) -> None:
         """Keeps a method's maps, smoothed with ``smoothing`` or with the candidate best on the validation split."""
         if smoothing is None:
-            smoothing, figures = choose_smoothing(maps["validation"], splits["validation"], top_fraction)
+            smoothing, figures = choose_smoothing(maps["validation"], splits["validation"])
             for k, v in figures.items():
-                selection.append({"method": name, "option": f"map_smoothing {k}", "mean_validation_best_dice": v})
+                selection.append(_selection_row(f"{name}: map_smoothing", name, f"map_smoothing {k}", v))
         label = name if smoothing == 1 else f"{name}, {smoothing}^3 mean filter"
-        methods[label] = {"map_smoothing": smoothing, **{s: _smooth(m, smoothing) for s, m in maps.items()}}
+        methods[label] = {
+            "map_smoothing": smoothing,
+            "config": {**(config or {}), "map_smoothing": smoothing},
+            **{s: _smooth(m, smoothing) for s, m in maps.items()},
+        }
 
-    def choose(
-        name: str, option: str, maps: np.ndarray, best: tuple | None, key: tuple, kinds: tuple[str, ...] = LESIONS
-    ) -> tuple:
-        """Records every smoothing of a candidate's validation maps (mean best Dice over ``kinds``); returns the
-        better of ``best`` and these."""
+    def candidate(
+        choice: str | None,
+        name: str,
+        option: str,
+        maps: np.ndarray,
+        candidates: dict,
+        key: tuple,
+        kinds: tuple[str, ...] = LESIONS,
+    ) -> None:
+        """Records every smoothing of a candidate's validation maps (best Dice per kind of ``kinds``) as candidates
+        ``(*key, smoothing)`` of ``choice``, to be decided by :func:`choose_by_shortfall`."""
         for k in SMOOTHING:
-            v = _mean_best_dice(_smooth(maps, k), splits["validation"], top_fraction, kinds)
-            selection.append(
-                {
-                    "method": name,
-                    "option": f"{option}, map_smoothing {k}",
-                    "mean_validation_best_dice": v,
-                    **({} if kinds == LESIONS else {"kinds": list(kinds)}),
-                }
-            )
-            if best is None or v > best[-1]:
-                best = (*key, k, v)
-        return best
+            v = kind_best_dice(_smooth(maps, k), splits["validation"], kinds)
+            row = _selection_row(choice, name, f"{option}, map_smoothing {k}", v)
+            selection.append(row if kinds == LESIONS else {**row, "kinds": list(kinds)})
+            candidates[(*key, k)] = v
 
     add("intensity (high)", measure("intensity (high)", IntensityAnomaly("high"))[0])
     add("intensity (low)", measure("intensity (low)", IntensityAnomaly("low"))[0])
@@ -450,40 +547,64 @@ def main(
             "config_files": vdvae_config_files or ["configs/train.json"],
             "overrides": vdvae_overrides or {},
         }
-        add("VDVAE reconstruction", measure("VDVAE reconstruction", VDVAEAnomaly(vae, "reconstruction"))[0])
+        add(
+            "VDVAE reconstruction",
+            measure("VDVAE reconstruction", VDVAEAnomaly(vae, "reconstruction"))[0],
+            config={"method": "reconstruction"},
+        )
         kl_candidates = kl_resolutions or [r for r in sorted(set(vae.group_resolutions())) if r >= 4]
         runs = measure(
             "VDVAE latent KL",
             _KLMaps(VDVAEAnomaly(vae, "kl", kl_resolution=kl_candidates[0]), kl_candidates),
             running=True,
         )
-        best, best_mass = None, None
+        every, mass = {}, {}
         for r, maps in zip(kl_candidates, runs):  # choose kl_resolution and the smoothing on the validation split
-            best = choose("VDVAE latent KL", f"kl_resolution {r}", maps["validation"], best, (r,))
-            best_mass = choose(
-                "VDVAE latent KL", f"kl_resolution {r}", maps["validation"], best_mass, (r,), kinds=MASS_EFFECTS
+            candidate("VDVAE latent KL", "VDVAE latent KL", f"kl_resolution {r}", maps["validation"], every, (r,))
+            candidate(
+                "VDVAE latent KL (mass effects)",
+                "VDVAE latent KL",
+                f"kl_resolution {r}",
+                maps["validation"],
+                mass,
+                (r,),
+                kinds=MASS_EFFECTS,
             )
-        r, k = best[0], best[1]
-        add(f"VDVAE latent KL (at {r}^3)", runs[kl_candidates.index(r)], k)
-        if best_mass[:2] != best[:2]:  # the setting for mass effects, chosen on their validation cases alone
-            r, k = best_mass[0], best_mass[1]
-            add(f"VDVAE latent KL (at {r}^3, mass-effect setting)", runs[kl_candidates.index(r)], k)
+        best, best_mass = choose_by_shortfall(every), choose_by_shortfall(mass)
+        r, k = best
+        add(f"VDVAE latent KL (at {r}^3)", runs[kl_candidates.index(r)], k, {"method": "kl", "kl_resolution": r})
+        if best_mass != best:  # the setting for mass effects, chosen on their validation cases alone
+            r, k = best_mass
+            add(
+                f"VDVAE latent KL (at {r}^3, mass-effect setting)",
+                runs[kl_candidates.index(r)],
+                k,
+                {"method": "kl", "kl_resolution": r},
+            )
         candidates = down_to_resolutions or [r for r in sorted(set(vae.group_resolutions())) if r >= 4]
-        best = None
+        likelihoods = {}
         for r in candidates:  # choose down_to_resolution and the smoothing on the validation split
             det = VDVAEAnomaly(vae, "likelihood", r, num_draws)
             runs = measure(f"VDVAE likelihood r{r}", det, running=True, splits_=("validation",))
-            if num_draws > 1:
-                choose("VDVAE likelihood", f"down_to_resolution {r}, num_draws 1", runs[0]["validation"], None, ())
-            best = choose(
-                "VDVAE likelihood", f"down_to_resolution {r}, num_draws {num_draws}", runs[-1]["validation"], best, (r,)
+            if num_draws > 1:  # for comparison only
+                candidate(
+                    None, "VDVAE likelihood", f"down_to_resolution {r}, num_draws 1", runs[0]["validation"], {}, ()
+                )
+            candidate(
+                "VDVAE likelihood",
+                "VDVAE likelihood",
+                f"down_to_resolution {r}, num_draws {num_draws}",
+                runs[-1]["validation"],
+                likelihoods,
+                (r,),
             )
-        r, k = best[0], best[1]
+        r, k = choose_by_shortfall(likelihoods)
         name = f"VDVAE likelihood (down to {r}^3, {num_draws} draw{'s' if num_draws > 1 else ''})"
         runs = measure(name, VDVAEAnomaly(vae, "likelihood", r, num_draws), running=True)
-        add(name, runs[-1], k)
+        like = {"method": "likelihood", "down_to_resolution": r}
+        add(name, runs[-1], k, {**like, "num_draws": num_draws})
         if num_draws > 1:
-            add(f"VDVAE likelihood (down to {r}^3, 1 draw)", runs[0], k)
+            add(f"VDVAE likelihood (down to {r}^3, 1 draw)", runs[0], k, {**like, "num_draws": 1})
 
     if have_vq:
         generator = qparser.get_parsed_content("network")
@@ -497,21 +618,28 @@ def main(
             "prior": {**_model_info(vq_prior_path), "kind": vq_prior},
             "overrides": vq_overrides or {},
         }
-        add("VQ reconstruction", measure("VQ reconstruction", VQAnomaly(generator, "reconstruction"))[0])
-        best = None
+        add(
+            "VQ reconstruction",
+            measure("VQ reconstruction", VQAnomaly(generator, "reconstruction"))[0],
+            config={"method": "reconstruction"},
+        )
+        resamples = {}
         for t in thresholds or [0.001, 0.01, 0.1]:
             maps = measure(f"VQ resample p<{t:g}", VQAnomaly(generator, "resample", t), splits_=("validation",))[0]
-            best = choose("VQ resample", f"threshold {t:g}", maps["validation"], best, (t,))
-        t, k = best[0], best[1]
+            candidate("VQ resample", "VQ resample", f"threshold {t:g}", maps["validation"], resamples, (t,))
+        t, k = choose_by_shortfall(resamples)
         name = f"VQ resample (p < {t:g})"
-        add(name, measure(name, VQAnomaly(generator, "resample", t))[0], k)
+        add(name, measure(name, VQAnomaly(generator, "resample", t))[0], k, {"method": "resample", "threshold": t})
 
     # figures
     table: dict[str, dict] = {}
     for name, maps in methods.items():
+        per_kind = kind_best_dice(maps["validation"], splits["validation"])
         table[name] = {
             "map_smoothing": maps["map_smoothing"],
-            "validation_mean_best_dice": _mean_best_dice(maps["validation"], splits["validation"], top_fraction),
+            "config": maps["config"],
+            "validation_best_dice": per_kind,
+            "validation_mean_best_dice": float(np.mean(list(per_kind.values()))),
         }
         for kind in LESIONS:
             thr = kind_threshold(maps["validation"], splits["validation"], kind)
@@ -532,6 +660,18 @@ def main(
         for k in OOD_KINDS:
             ood = o_scores[kinds == k]
             table[name]["ood"][k] = auroc(np.r_[h_scores, ood], np.r_[np.zeros(len(h_scores)), np.ones(len(ood))])
+    # each family's default: the rule over its rows (every option chosen above is a candidate)
+    defaults = {}
+    for fam in ("VDVAE", "VQ"):
+        rows = {n: t["validation_best_dice"] for n, t in table.items() if family_of(n) == fam}
+        if rows:
+            chosen = choose_by_shortfall(rows)
+            top = {k: max(v[k] for v in rows.values()) for k in LESIONS}
+            for n, v in rows.items():
+                table[n]["validation_largest_shortfall"] = largest_shortfall(v, top)
+            defaults[fam] = {"method": chosen, "config": table[chosen]["config"]}
+            logger.info(f"{fam} default by the largest shortfall: {chosen} {table[chosen]['config']}")
+    mark_choices(selection)
     timings["total_s"] = time.time() - started
     out = {
         "command": "python -m " + " ".join(_quote(a) for a in ["scripts.tools.anomaly_benchmark"] + sys.argv[1:]),
@@ -542,6 +682,12 @@ def main(
         "validation_volumes": half,
         "test_volumes": len(files) - half,
         "draws": draws,
+        "anatomies": anatomies,
+        "rule": (
+            "the candidate whose validation best Dice trails the best candidate least on any lesion kind (minimax "
+            f"shortfall), shortfalls within {TIE} of the smallest decided by the mean over the kinds"
+        ),
+        "defaults": defaults,
         "top_fraction": top_fraction,
         "models": models,
         "selection": selection,
@@ -651,7 +797,8 @@ def write_report(out: dict, path: str, figure: str) -> str:
         "",
         f"Machine: {out['cpu']}, {out['torch_threads']} torch threads. Resolution {out['resolution']}^3. "
         f"Held-out volumes of the run (its `data_split.json` validation files): {out['validation_volumes']} for validation "
-        f"(options and thresholds), {out['test_volumes']} for test (every figure below); {out['draws']} lesions per kind and volume.",
+        f"(options and thresholds), {out['test_volumes']} for test (every figure below); {out.get('anatomies', 1)} anatomies "
+        f"per volume (the volume and random small affines of it), {out['draws']} lesions per kind and anatomy.",
         "",
         "Models:",
         "",
@@ -687,18 +834,60 @@ def write_report(out: dict, path: str, figure: str) -> str:
     ]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(_f(t[n]["ood"][k]) for k in OOD_KINDS) + " |")
+    short = {"hyperintense": "hyper", "hypointense": "hypo", "mass_effect": "mass", "mass_effect_large": "mass large"}
+    lines += [
+        "",
+        "### Defaults: the largest shortfall",
+        "",
+        f"Rule: {out['rule']}. Best Dice per kind, validation / test; *shortfall in family*: the most the row trails "
+        "the best row of its family on any kind (validation, which decides / test); *to any*: the same on the test "
+        "lesions against every row of the table, intensity thresholding included:",
+        "",
+        "| method | "
+        + " | ".join(short.get(k, k) for k in LESIONS)
+        + " | mean | shortfall in family | shortfall to any (test) |",
+        "|---" * (len(LESIONS) + 4) + "|",
+    ]
+    top_test = {k: max(t[n][k]["best_dice"] for n in names) for k in LESIONS}
+    chosen = {d["method"]: fam for fam, d in out.get("defaults", {}).items()}
+    for n in names:
+        val = t[n]["validation_best_dice"]
+        test = {k: t[n][k]["best_dice"] for k in LESIONS}
+        fam = family_of(n)
+        in_family = "-"
+        if fam is not None:
+            top_fam = {k: max(t[m][k]["best_dice"] for m in names if family_of(m) == fam) for k in LESIONS}
+            in_family = f"{_f(t[n]['validation_largest_shortfall'])} / {_f(largest_shortfall(test, top_fam))}"
+        label = f"**{n}** ({chosen[n]} default)" if n in chosen else n
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{_f(val[k])} / {_f(test[k])}" for k in LESIONS)
+            + f" | {_f(float(np.mean(list(val.values()))))} / {_f(float(np.mean(list(test.values()))))} | "
+            f"{in_family} | {_f(largest_shortfall(test, top_test))} |"
+        )
+    lines.append("")
+    for fam, d in out.get("defaults", {}).items():
+        overlay = "configs/anomaly.json" if fam == "VDVAE" else "configs/vq_anomaly.json"
+        lines.append(f"- {fam} (`{overlay}`): {d['method']}, `{json.dumps(d['config'])}`")
     lines += [
         "",
         "### Choices made on the validation volumes",
         "",
-        f"| method | option | mean best Dice over the {len(LESIONS)} kinds |",
-        "|---|---|---|",
+        "Every candidate option of every choice, best Dice on the validation lesions: the largest shortfall to the "
+        "best candidate of the same choice on any kind (which decides), the mean over the kinds (near-ties) and the "
+        "candidate taken; the mass-effect setting over the two mass-effect kinds only.",
+        "",
+        "| choice | option | largest shortfall | mean best Dice | taken |",
+        "|---|---|---|---|---|",
     ]
     for s in out["selection"]:
-        over = f" (mean over {', '.join(s['kinds'])} only)" if "kinds" in s else ""
-        lines.append(f"| {s['method']} | {s['option']}{over} | {_f(s['mean_validation_best_dice'], 3)} |")
-    for n in names:
-        lines.append(f"| {n} | (as run) | {_f(t[n]['validation_mean_best_dice'], 3)} |")
+        if s["choice"] is None:
+            continue
+        over = f" (over {', '.join(s['kinds'])} only)" if "kinds" in s else ""
+        lines.append(
+            f"| {s['choice']} | {s['option']}{over} | {_f(s['largest_shortfall'], 3)} | "
+            f"{_f(s['mean_validation_best_dice'], 3)} | {'yes' if s['chosen'] else ''} |"
+        )
     lines += [
         "",
         "Seconds per volume (this machine): "

@@ -19,7 +19,7 @@ from torch import nn
 from scripts.engine.anatomy import AnatomyScore
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.handlers import is_main_process
-from scripts.engine.sampling import load_weights
+from scripts.engine.sampling import draw_samples, load_weights
 from scripts.vdvae.network import VDVAE
 
 __all__ = ["LatentPCAPrior", "PosthocPriorVDVAE", "latent_prior_path", "fit_after_training", "with_latent_prior"]
@@ -140,24 +140,39 @@ def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int,
 
 
 def fit_after_training(
-    network_def: VDVAE, model_path: str, train_files, preprocessing, down_to_resolution: int
+    network_def: VDVAE,
+    model_path: str,
+    train_files,
+    preprocessing,
+    down_to_resolution: int,
+    temperature: float | list[float] = 1.0,
 ) -> str | None:
     """Run at the end of train.json when ``latent_prior_resolution`` > 0: fits the post-hoc prior of the groups
     <= ``down_to_resolution``^3 of the best weights (``model_path``) to the training volumes and writes it next to
-    them (:func:`latent_prior_path`), where inference.json and evaluate.json find it. Returns the path (None when off)."""
+    them (:func:`latent_prior_path`), where inference.json and evaluate.json find it, with the sampler comparison of
+    :func:`choose_sampler` at ``temperature`` (train.json passes inference.json's; a list: its first). Returns the
+    path (None when off or when training saved no weights)."""
     if down_to_resolution <= 0 or not is_main_process():
+        return None
+    if not os.path.isfile(model_path):  # e.g. a wall-clock budget that ended before the first validation
+        logging.getLogger(__name__).warning(
+            f"no weights at {model_path}: training stopped before its first validation saved any, so no post-hoc "
+            "prior was fitted (inference.json then samples the learned priors)"
+        )
         return None
     vae = load_weights(
         copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu"
     )  # not the training instance
     volumes = preprocess_volumes(train_files, preprocessing)
     prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
-    choice = choose_sampler(vae, prior)
+    if isinstance(temperature, (list, tuple)):
+        temperature = temperature[0]
+    choice = choose_sampler(vae, prior, temperature=float(temperature))
     path = save_latent_prior(prior, latent_prior_path(model_path), down_to_resolution, choice)
     logging.getLogger(__name__).info(
         f"post-hoc prior of the {len(prior.shapes)} latent groups <= {down_to_resolution}^3 (rank {prior.basis.shape[0]}): "
         f"{path}; sampler by default: {choice['sampler']} (mean anatomy score of {choice['num_samples']} samples at "
-        f"T = 1: {choice['anatomy_score']})"
+        f"T = {choice['temperature']:g}: {choice['anatomy_score']})"
     )
     return path
 
@@ -166,20 +181,23 @@ SAMPLERS = ("posthoc", "learned")
 
 
 @torch.no_grad()
-def choose_sampler(vae: VDVAE, prior: LatentPCAPrior, num_samples: int = 16, seed: int = 0) -> dict:
+def choose_sampler(
+    vae: VDVAE, prior: LatentPCAPrior, num_samples: int = 16, seed: int = 0, temperature: float = 1.0
+) -> dict:
     """Which sampler ``inference.json`` and ``evaluate.json`` use by default (``use_latent_prior`` "auto"): the one
-    whose ``num_samples`` samples at T = 1 have the higher mean anatomy score (:mod:`scripts.engine.anatomy`), the
-    post-hoc prior on a tie. Returns {"sampler", "anatomy_score": {"posthoc", "learned"}, "num_samples", "seed"}."""
+    whose ``num_samples`` samples at ``temperature`` (the stream ``seed`` of :func:`draw_samples`, what
+    inference.json draws) have the higher mean anatomy score (:mod:`scripts.engine.anatomy`), the post-hoc prior on a
+    tie. Returns {"sampler", "anatomy_score": {"posthoc", "learned"}, "num_samples", "seed", "temperature"}."""
+    found = {"num_samples": num_samples, "seed": seed, "temperature": float(temperature)}
     if vae.resolution < 8:  # too small for the anatomy score: keep the post-hoc prior
-        return {"sampler": "posthoc", "anatomy_score": None, "num_samples": 0, "seed": seed}
+        return {"sampler": "posthoc", "anatomy_score": None, **found, "num_samples": 0}
     score = AnatomyScore(vae.resolution)
     scores = {}
     for name, generator in (("posthoc", PosthocPriorVDVAE(vae, prior)), ("learned", vae)):
-        torch.manual_seed(seed)
-        samples = torch.cat([generator.sample(min(8, num_samples - i), 1.0) for i in range(0, num_samples, 8)])
-        scores[name] = float(score.score_all(samples.float()).mean())
+        samples = draw_samples(generator, temperature, seed, range(num_samples))
+        scores[name] = float(score.score_all(samples).mean())
     sampler = "learned" if scores["learned"] > scores["posthoc"] else "posthoc"
-    return {"sampler": sampler, "anatomy_score": scores, "num_samples": num_samples, "seed": seed}
+    return {"sampler": sampler, "anatomy_score": scores, **found}
 
 
 def with_latent_prior(vae: VDVAE, model_path: str, use: bool | str = "auto") -> nn.Module:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from scripts.engine.sampling import TRAIN_COMMAND, load_weights
 from scripts.engine.training import (
     AmpEvaluator,
     AmpTrainer,
@@ -22,7 +23,48 @@ from scripts.engine.training import (
 )
 from scripts.vdvae.loss import negative_elbo_terms
 
-__all__ = ["VDVAETrainer", "VDVAEEvaluator", "GradientSkipper", "make_ema"]
+__all__ = [
+    "VDVAETrainer",
+    "VDVAEEvaluator",
+    "GradientSkipper",
+    "make_ema",
+    "initial_weights",
+    "trainable_parameters",
+    "is_prior_parameter",
+    "TRAIN_ONLY",
+]
+
+TRAIN_ONLY = ("all", "priors")
+
+
+def initial_weights(network: nn.Module, init_weights: str | None) -> nn.Module:
+    """``network`` as built (``init_weights`` None) or with the weights of a trained model (a ``models/model.pt`` of
+    the same architecture and function-changing options, checked as at inference), in training mode."""
+    if init_weights is None:
+        return network
+    return load_weights(network, init_weights, "cpu", "init_weights", TRAIN_COMMAND).train()
+
+
+def is_prior_parameter(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to a latent group's prior p(z | h): its conv stack ``prior`` and its
+    heads ``prior_mean``, ``prior_scale`` and ``prior_skip`` (:class:`scripts.vdvae.network.TopDownBlock`)."""
+    return any(part in ("prior", "prior_mean", "prior_scale", "prior_skip") for part in name.split("."))
+
+
+def trainable_parameters(network: nn.Module, train_only: str = "all") -> list[nn.Parameter]:
+    """The parameters the optimiser updates: all of them (``"all"``), or the latent priors' alone (``"priors"``:
+    prior-only fine-tuning of a trained model, ``--init_weights``; the encoder, the posteriors, the decoder's other
+    layers and the output head are frozen, ``requires_grad`` False, so they stay bit-identical)."""
+    if train_only not in TRAIN_ONLY:
+        raise ValueError(f"train_only must be one of {TRAIN_ONLY}, got {train_only!r}")
+    chosen = []
+    for name, p in network.named_parameters():
+        p.requires_grad_(train_only == "all" or is_prior_parameter(name))
+        if p.requires_grad:
+            chosen.append(p)
+    if not chosen:
+        raise ValueError(f"train_only {train_only!r}: the network has no such parameters")
+    return chosen
 
 
 def make_ema(network: nn.Module, decay: float) -> AveragedModel | None:
