@@ -92,8 +92,14 @@ def check_module(args: list[str], where: str) -> None:
     rest = args[i + 2 :]
     subcommand = rest[0] if rest and not rest[0].startswith("-") else None
     parameters = parameters_of(importlib.import_module(module), fire_target(module, subcommand))
-    for name in options(rest):
-        assert name in parameters or name == "help", f"{where}: {module} has no option --{name}"
+    unknown = [name for name in options(rest) if name not in parameters and name != "help"]
+    if unknown and "overrides" in parameters and "config_file" in parameters:
+        # a tool that takes a config's overrides (``**overrides``): the rest must be keys of that config
+        files = [rest[rest.index("--config_file") + 1] if "--config_file" in rest else "configs/train.json"]
+        parser = ConfigParser()
+        parser.read_config([os.path.join(ROOT, f) for f in files])
+        unknown = [name for name in unknown if name not in parser]
+    assert not unknown, f"{where}: {module} has no option --{unknown[0] if unknown else ''}"
 
 
 def documented_commands():

@@ -170,6 +170,22 @@ class AnatomyScore:
         """Affinely aligns volumes (B, 1, R, R, R) on [-1, 1] to the template; returns them on [0, 1] in the
         template's voxel grid (B, 1, R, R, R)."""
         unit = _unit(x.to(self.device))
+        grid = F.affine_grid(self.register(x), unit.shape, align_corners=False)
+        return F.grid_sample(unit, grid, align_corners=False, padding_mode="zeros")
+
+    def brain_volume_ml(self, x: torch.Tensor, voxel_ml: float) -> torch.Tensor:
+        """Brain volume (B,) in mL of volumes (B, 1, R, R, R) on [-1, 1] with voxels of ``voxel_ml`` mL, measured
+        from the image alone: the template's brain mask (voxels) times the determinant of the affine that maps the
+        template onto the volume. On the built-in cohort it follows the volumes' mask-measured brain_volume_ml with
+        Pearson r 0.97 (docs/conditioning.md)."""
+        with torch.no_grad():
+            det = torch.linalg.det(self.register(x.float())[:, :, :3].double()).abs()
+        return (det * float(self.regions["inside"].sum()) * voxel_ml).float().cpu()
+
+    def register(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine (B, 3, 4), in ``torch.nn.functional.affine_grid``'s normalised coordinates, that maps the
+        template's grid onto volumes (B, 1, R, R, R) on [-1, 1] (normalised cross-correlation, Adam)."""
+        unit = _unit(x.to(self.device))
         b = unit.shape[0]
         moving = self._registration_view(unit)
         identity = torch.eye(3, 4, device=self.device).expand(b, 3, 4)
@@ -185,8 +201,7 @@ class AnatomyScore:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        grid = F.affine_grid((identity + delta).detach(), unit.shape, align_corners=False)
-        return F.grid_sample(unit, grid, align_corners=False, padding_mode="zeros")
+        return (identity + delta).detach()
 
     def tissue_means(self, aligned: torch.Tensor) -> torch.Tensor:
         """Mean intensity (B, 3) in the CSF, grey- and white-matter regions of aligned volumes (B, 1, R, R, R) on

@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from scripts.engine.covariates import fit_covariates
 from scripts.engine.default_data import generate_mni_cohort
 
 __all__ = [
@@ -107,6 +108,10 @@ class DataSplit:
             template cohort is generated there first (rank 0 only; other ranks wait).
         default_dataset_kwargs: arguments of :func:`scripts.engine.default_data.generate_mni_cohort`.
         channels: volumes per file (1, or a 4-D file of paired volumes as channels).
+        covariates_csv: optional CSV of per-volume covariates (:mod:`scripts.engine.covariates`); the items then
+            carry ``covariates`` (K,) and :attr:`num_covariates` is K.
+        covariates: the columns that condition the model, column -> "numeric" or "categorical" (None: every column
+            but ``file``, numeric).
     """
 
     def __init__(
@@ -119,13 +124,15 @@ class DataSplit:
         default_dataset_dir: str | None = None,
         default_dataset_kwargs: dict | None = None,
         channels: int = 1,
+        covariates_csv: str | None = None,
+        covariates: dict[str, str] | None = None,
     ) -> None:
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
         self.dataset_dir = str(dataset_dir)
         if default_dataset_dir is not None and os.path.abspath(dataset_dir) == os.path.abspath(default_dataset_dir):
             ensure_default_dataset(self.dataset_dir, **(default_dataset_kwargs or {}))
-        files = find_niftis(self.dataset_dir)
+        files = all_files = find_niftis(self.dataset_dir)
         if max_niis_to_use:
             files = files[: int(max_niis_to_use)]
         if len(files) < 2:
@@ -149,6 +156,23 @@ class DataSplit:
                     self.split_file, {"dataset_dir": self.dataset_dir, "train": self.train_files, "val": self.val_files}
                 )
         self.preprocessing_info: dict = {}
+        self.covariate_encoder, self.covariate_features = None, {}
+        if covariates_csv:
+            self.covariate_encoder, self.covariate_features = fit_covariates(
+                _covariates_file(covariates_csv, self.dataset_dir, default_dataset_dir),
+                self.train_files,
+                self.val_files,
+                covariates,
+                folder_files=all_files,
+            )
+            logger.info(
+                f"covariates {self.covariate_encoder.names} from {covariates_csv}: "
+                f"{self.covariate_encoder.num_features} features"
+            )
+        elif covariates:
+            raise ValueError(
+                f"covariates {sorted(covariates)} given without covariates_csv: name the CSV that holds them"
+            )
         logger.info(
             f"data: {len(self.train_files)} training and {len(self.val_files)} validation volumes from {self.dataset_dir}"
         )
@@ -165,11 +189,21 @@ class DataSplit:
             )
         return saved["train"], saved["val"]
 
+    @property
+    def num_covariates(self) -> int:
+        """Length K of each item's ``covariates`` features (0 without ``covariates_csv``)."""
+        return self.covariate_encoder.num_features if self.covariate_encoder is not None else 0
+
+    def _items(self, files: list[str]) -> list[dict]:
+        if self.covariate_encoder is None:
+            return [{"image": f} for f in files]
+        return [{"image": f, "covariates": self.covariate_features[f]} for f in files]
+
     def train_data(self) -> list[dict]:
-        return [{"image": f} for f in self.train_files]
+        return self._items(self.train_files)
 
     def val_data(self) -> list[dict]:
-        return [{"image": f} for f in self.val_files]
+        return self._items(self.val_files)
 
     def describe_preprocessing(self, preprocessing: Callable, num_files: int = 16) -> dict:
         """Records the output grid (affine of ``preprocessing(first training file)``) and the training set's
@@ -189,6 +223,8 @@ class DataSplit:
                 "intensity_low": float(np.median(lows)),
                 "intensity_high": float(np.median(highs)),
             }
+            if self.covariate_encoder is not None:  # saved beside the weights: sampling needs no CSV
+                self.preprocessing_info["covariates"] = self.covariate_encoder.state_dict()
         return self.preprocessing_info
 
     def state_dict(self) -> dict:
@@ -208,6 +244,24 @@ class DataSplit:
                 f"{self.split_file}: resume with the same dataset_dir and output_dir"
             )
         self.preprocessing_info = dict(state.get("preprocessing", {}))
+
+
+def _covariates_file(path: str, dataset_dir: str, default_dataset_dir: str | None) -> str:
+    """``path``, after checking that it exists; the built-in cohort's missing CSV (a cohort generated before the
+    covariates existed) names the command that writes it."""
+    if os.path.isfile(path):
+        return path
+    if (
+        default_dataset_dir is not None
+        and os.path.abspath(dataset_dir) == os.path.abspath(default_dataset_dir)
+        and os.path.abspath(os.path.dirname(path)) == os.path.abspath(dataset_dir)
+    ):
+        raise FileNotFoundError(
+            f"covariates_csv {path!r} does not exist: the built-in cohort in {dataset_dir} was generated before it "
+            "wrote its covariates; write them (same volumes) with python -m scripts.engine.default_data "
+            f"--output_directory {dataset_dir} --covariates_only True"
+        )
+    raise FileNotFoundError(f"covariates_csv {path!r} does not exist")
 
 
 def ensure_default_dataset(folder: str, timeout_s: float = 1800.0, **kwargs) -> None:

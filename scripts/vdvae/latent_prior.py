@@ -26,32 +26,47 @@ __all__ = ["LatentPCAPrior", "PosthocPriorVDVAE", "latent_prior_path", "fit_afte
 
 
 class LatentPCAPrior(nn.Module):
-    """z = mean + T * (c @ basis), c ~ N(0, I_k): a Gaussian of rank k over the concatenated latents of the top
-    ``len(shapes)`` groups. ``basis`` (k, D) holds the principal directions scaled by their standard deviations.
+    """z = mean + y @ coef + T * (c @ basis), c ~ N(0, I_k): a Gaussian of rank k over the concatenated latents of
+    the top ``len(shapes)`` groups, whose mean moves linearly with the covariate features y (K,) of a conditional
+    model. ``basis`` (k, D) holds the principal directions of the residuals scaled by their standard deviations.
 
     Args:
         shapes: per group (Z, r, r, r), top first.
-        mean: (D,) mean of the flattened latents.
+        mean: (D,) mean of the flattened latents (at all-zero covariate features).
         basis: (k, D).
+        coef: (K, D) regression of the latents on the covariate features; None for an unconditional model.
     """
 
-    def __init__(self, shapes: list[list[int]], mean: torch.Tensor, basis: torch.Tensor) -> None:
+    def __init__(
+        self, shapes: list[list[int]], mean: torch.Tensor, basis: torch.Tensor, coef: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         sizes = [int(torch.tensor(s).prod()) for s in shapes]
         if mean.shape != (sum(sizes),) or basis.dim() != 2 or basis.shape[1] != mean.shape[0]:
             raise ValueError(f"mean must be ({sum(sizes)},) and basis (k, {sum(sizes)}) for latents of shapes {shapes}")
         self.shapes = [list(map(int, s)) for s in shapes]
         self.sizes = sizes
+        if coef is not None and (coef.dim() != 2 or coef.shape[1] != mean.shape[0]):
+            raise ValueError(f"coef must be (K, {mean.shape[0]}), got {list(coef.shape)}")
         self.register_buffer("mean", mean.float())
         self.register_buffer("basis", basis.float())
+        self.register_buffer("coef", None if coef is None else coef.float())
 
     @classmethod
     @torch.no_grad()
     def fit(
-        cls, vae: VDVAE, volumes: torch.Tensor, down_to_resolution: int, rank: int | None = None, batch_size: int = 8
+        cls,
+        vae: VDVAE,
+        volumes: torch.Tensor,
+        down_to_resolution: int,
+        rank: int | None = None,
+        batch_size: int = 8,
+        covariates: torch.Tensor | None = None,
     ) -> LatentPCAPrior:
         """Fits to the posterior means of the groups at resolutions <= ``down_to_resolution`` of ``volumes``
-        (N, C, R, R, R); ``rank`` defaults to N - 1 (every direction the data span)."""
+        (N, C, R, R, R); ``rank`` defaults to N - 1 (every direction the data span). For a conditional model,
+        ``covariates`` (N, K) are the volumes' features: the latents are regressed on them (least squares) and the
+        PCA is of the residuals."""
         groups = sum(1 for r in vae.group_resolutions() if r <= down_to_resolution)
         if groups < 1:
             raise ValueError(
@@ -60,19 +75,34 @@ class LatentPCAPrior(nn.Module):
         if len(volumes) < 2:
             raise ValueError(f"fitting the latent prior needs at least 2 volumes, got {len(volumes)}")
         vae.eval()
+        if (covariates is None) != (vae.num_covariates == 0):
+            raise ValueError(
+                f"the network has {vae.num_covariates} covariate features: fit with covariates (N, K) exactly when K > 0"
+            )
         rows = []
-        for x in volumes.split(batch_size):
+        for i, x in enumerate(volumes.split(batch_size)):
+            c = None if covariates is None else covariates[i * batch_size : i * batch_size + x.shape[0]]
             _, _, _, zs = vae.decode_latents(
-                vae.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False
+                vae.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False, covariates=c
             )
             rows.append(torch.cat([z.float().flatten(1) for z in zs[:groups]], dim=1))
         shapes = [list(z.shape[1:]) for z in zs[:groups]]
         data = torch.cat(rows)
-        mean = data.mean(0)
-        _, s, vt = torch.linalg.svd(data - mean, full_matrices=False)
+        coef = None
+        if covariates is None:
+            mean = data.mean(0)
+            residuals = data - mean
+            dof = len(data) - 1
+        else:
+            design = torch.cat([torch.ones(len(data), 1), covariates.float()], dim=1)  # (N, 1 + K)
+            solution = torch.linalg.lstsq(design.double(), data.double()).solution.float()
+            mean, coef = solution[0], solution[1:]
+            residuals = data - design @ solution
+            dof = max(1, len(data) - design.shape[1])
+        _, s, vt = torch.linalg.svd(residuals, full_matrices=False)
         k = min(rank or len(data) - 1, len(s))
-        basis = (s[:k] / (len(data) - 1) ** 0.5)[:, None] * vt[:k]
-        return cls(shapes, mean, basis)
+        basis = (s[:k] / dof**0.5)[:, None] * vt[:k]
+        return cls(shapes, mean, basis, coef)
 
     def marginal(self, groups: int) -> LatentPCAPrior:
         """The prior of the first ``groups`` groups alone: the exact marginal of this Gaussian (its mean and basis
@@ -80,12 +110,18 @@ class LatentPCAPrior(nn.Module):
         if not 1 <= groups <= len(self.shapes):
             raise ValueError(f"groups must be in [1, {len(self.shapes)}], got {groups}")
         d = sum(self.sizes[:groups])
-        return LatentPCAPrior(self.shapes[:groups], self.mean[:d].clone(), self.basis[:, :d].clone())
+        coef = None if self.coef is None else self.coef[:, :d].clone()
+        return LatentPCAPrior(self.shapes[:groups], self.mean[:d].clone(), self.basis[:, :d].clone(), coef)
 
-    def sample_latents(self, n: int, temperature: float = 1.0) -> list[torch.Tensor]:
-        """``n`` draws, split into the groups' latents [(n, Z, r, r, r)], top first."""
+    def sample_latents(
+        self, n: int, temperature: float = 1.0, covariates: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """``n`` draws, split into the groups' latents [(n, Z, r, r, r)], top first; a conditional prior's at
+        ``covariates`` (n, K) (None: all-zero features)."""
         coeffs = torch.randn(n, self.basis.shape[0], device=self.basis.device) * temperature
         flat = self.mean + coeffs @ self.basis
+        if self.coef is not None and covariates is not None:
+            flat = flat + covariates.float().to(self.coef.device) @ self.coef
         return [part.reshape(n, *shape) for part, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
 
 
@@ -109,11 +145,13 @@ class PosthocPriorVDVAE(nn.Module):
             return getattr(super().__getattr__("vae"), name)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0, covariates: torch.Tensor | None = None) -> torch.Tensor:
         if n <= 0 or temperature <= 0:
             raise ValueError(f"number of samples and temperature must be positive, got {n} and {temperature}")
-        given = self.latent_prior.sample_latents(n, temperature)
-        return self.vae.decode_latents(None, n, 0, sample_prior=True, temperature=temperature, given=given)[0]
+        given = self.latent_prior.sample_latents(n, temperature, covariates)
+        return self.vae.decode_latents(
+            None, n, 0, sample_prior=True, temperature=temperature, given=given, covariates=covariates
+        )[0]
 
 
 def latent_prior_path(model_path: str) -> str:
@@ -130,6 +168,7 @@ def save_latent_prior(prior: LatentPCAPrior, path: str, down_to_resolution: int,
             "shapes": prior.shapes,
             "mean": prior.mean,
             "basis": prior.basis,
+            "coef": prior.coef,
             "down_to_resolution": down_to_resolution,
             "choice": choice,
         },
@@ -146,12 +185,14 @@ def fit_after_training(
     preprocessing,
     down_to_resolution: int,
     temperature: float | list[float] = 1.0,
+    covariate_features: dict | None = None,
 ) -> str | None:
     """Run at the end of train.json when ``latent_prior_resolution`` > 0: fits the post-hoc prior of the groups
     <= ``down_to_resolution``^3 of the best weights (``model_path``) to the training volumes and writes it next to
     them (:func:`latent_prior_path`), where inference.json and evaluate.json find it, with the sampler comparison of
-    :func:`choose_sampler` at ``temperature`` (train.json passes inference.json's; a list: its first). Returns the
-    path (None when off or when training saved no weights)."""
+    :func:`choose_sampler` at ``temperature`` (train.json passes inference.json's; a list: its first). A conditional
+    model's prior is fitted with ``covariate_features`` ({file: (K,)}, the data split's). Returns the path (None when
+    off or when training saved no weights)."""
     if down_to_resolution <= 0 or not is_main_process():
         return None
     if not os.path.isfile(model_path):  # e.g. a wall-clock budget that ended before the first validation
@@ -164,7 +205,8 @@ def fit_after_training(
         copy.deepcopy(network_def).to(memory_format=torch.contiguous_format), model_path, "cpu"
     )  # not the training instance
     volumes = preprocess_volumes(train_files, preprocessing)
-    prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution)
+    features = torch.stack([covariate_features[f] for f in train_files]) if covariate_features else None
+    prior = LatentPCAPrior.fit(vae, volumes, down_to_resolution, covariates=features)
     if isinstance(temperature, (list, tuple)):
         temperature = temperature[0]
     choice = choose_sampler(vae, prior, temperature=float(temperature))
@@ -217,7 +259,7 @@ def with_latent_prior(vae: VDVAE, model_path: str, use: bool | str = "auto") -> 
         )
         if choice["sampler"] == "learned":
             return vae
-    prior = LatentPCAPrior(state["shapes"], state["mean"], state["basis"])
+    prior = LatentPCAPrior(state["shapes"], state["mean"], state["basis"], state.get("coef"))
     expected = [[b.latent_channels, r, r, r] for b, r in zip(vae.decoder_blocks, vae.group_resolutions())][
         : len(prior.shapes)
     ]

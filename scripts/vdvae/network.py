@@ -482,6 +482,11 @@ class VDVAE(nn.Module):
         activation_checkpointing: in training, store only the input of each residual block and latent group
             and recompute the rest in the backward pass: a fraction of the memory for 20-80% more time
             (see docs/performance.md). Has no effect on results, evaluation or sampling.
+        num_covariates: length K of the covariate features (:mod:`scripts.engine.covariates`) that condition the
+            model; 0 (the reference) for an unconditional model, which then has no covariate parameters. With K > 0,
+            a linear projection of the covariates (B, K), one per latent group below the top, is added to the decoder
+            state before the group, so every prior p(z | h, c) and posterior q(z | x, h, c) below the top and the
+            decoder state see them; the projections start at zero (the unconditional network).
     """
 
     def __init__(
@@ -506,6 +511,7 @@ class VDVAE(nn.Module):
         temperature_mode: str = "latent",
         full_resolution_residual: bool = False,
         activation_checkpointing: bool = False,
+        num_covariates: int = 0,
     ) -> None:
         super().__init__()
         lists = dict(
@@ -529,8 +535,11 @@ class VDVAE(nn.Module):
         _check_options(
             output_activation_function, temperature_mode, scale_hidden_clamp_bounds, scale_output_clamp_bounds, flags
         )
+        if not isinstance(num_covariates, int) or num_covariates < 0:
+            raise ValueError(f"num_covariates must be a non-negative integer, got {num_covariates!r}")
         self.resolution = int(resolution)
         self.in_channels = int(in_channels)
+        self.num_covariates = num_covariates
         self.num_levels = len(channels)
         self.output_tanh = output_activation_function == "tanh"
         self.predict_x_scale = bool(predict_x_scale)
@@ -550,8 +559,16 @@ class VDVAE(nn.Module):
         self.decoder_upsamplers = nn.ModuleList()  # per group: Upsample when it starts a level below the top
         self.decoder_blocks = nn.ModuleList()  # TopLatentBlock, then TopDownBlocks
         self.decoder_resblocks = nn.ModuleList()
+        self.group_in_channels: list[int] = []  # decoder state width entering each latent group
         bounds = (float(scale_hidden_clamp_bounds[0]), float(scale_hidden_clamp_bounds[1]))
         self._build_decoder(lists, bounds, last_scale, full_resolution_residual)
+        # one projection of the covariates per latent group below the top (none for an unconditional model)
+        self.covariate_projections = nn.ModuleList(
+            [nn.Linear(num_covariates, c) for c in self.group_in_channels[1:]] if num_covariates > 0 else []
+        )
+        for proj in self.covariate_projections:
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
         self.output_head = OutputHead(channels_top_down[0], in_channels)
         # the shared output scale (C,) starts at the top of the bounds and the first training passes bring it down; it is
         # saved with the weights only when it is used (TorchScript needs the attribute either way)
@@ -612,6 +629,7 @@ class VDVAE(nn.Module):
                         c_state, c, channels[i], hidden[i], z_ch, kernels[i], bounds, self.temperature_mode
                     )
                 self.decoder_blocks.append(block)
+                self.group_in_channels.append(c_state)
                 self.decoder_resblocks.append(
                     ResBlock(c, hidden[i], c, kernels[i], residual=residual, last_scale=last_scale if residual else 1.0)
                 )
@@ -680,6 +698,27 @@ class VDVAE(nn.Module):
                 f"VDVAE expects input of shape (B, {self.in_channels}, {r}, {r}, {r}), got {list(x.shape)}"
             )
 
+    def _covariate_inputs(self, covariates: torch.Tensor | None, batch_size: int) -> list[torch.Tensor]:
+        """The projections (B, C_g, 1, 1, 1) added to the decoder state before each latent group below the top
+        ([] for an unconditional model). ``covariates`` (B, K); None samples a conditional model at the training
+        mean of its numeric covariates (all-zero features)."""
+        if self.num_covariates == 0:
+            if covariates is not None:
+                raise ValueError("this VDVAE is unconditional (num_covariates 0) but covariates were given")
+            return []
+        if covariates is None:
+            ref = self.output_head.conv.weight
+            covariates = torch.zeros(batch_size, self.num_covariates, dtype=torch.float32, device=ref.device)
+        if covariates.dim() != 2 or covariates.shape[0] != batch_size or covariates.shape[1] != self.num_covariates:
+            raise ValueError(
+                f"covariates must be ({batch_size}, {self.num_covariates}) for a batch of {batch_size}, "
+                f"got {list(covariates.shape)}"
+            )
+        out: list[torch.Tensor] = []
+        for proj in self.covariate_projections:
+            out.append(proj(covariates.float())[:, :, None, None, None])
+        return out
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Lateral activations per level, full resolution first: [(B, channels[i], R/2^i, ...)]."""
         h = x
@@ -711,20 +750,25 @@ class VDVAE(nn.Module):
         sample_prior: bool = True,
         temperature: float = 1.0,
         given: list[torch.Tensor] | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
         ``laterals``; the rest use the prior, except that prior group g takes ``given[g]`` as its latent when
-        g < len(given). Returns (mean, scale) of the output Gaussian (B, C, R, R, R), the per-volume KL of every
-        group [(B,)] (zero for prior groups) and every group's latent [(B, Z, r, r, r)]."""
+        g < len(given). ``covariates`` (B, K) condition a conditional model (see :meth:`_covariate_inputs`).
+        Returns (mean, scale) of the output Gaussian (B, C, R, R, R), the per-volume KL of every group [(B,)] (zero
+        for prior groups) and every group's latent [(B, Z, r, r, r)]."""
         ref = self.output_head.conv.weight
         h = torch.zeros(batch_size, self.top_channels, 1, 1, 1, dtype=ref.dtype, device=ref.device)
         if laterals is not None:
             h = h.to(laterals[-1].dtype)
+        conditions = self._covariate_inputs(covariates, batch_size)
         kls: list[torch.Tensor] = []
         zs: list[torch.Tensor] = []
         g = 0
         for upsample, block, res in zip(self.decoder_upsamplers, self.decoder_blocks, self.decoder_resblocks):
             h = upsample(h)
+            if g > 0 and len(conditions) > 0:
+                h = h + conditions[g - 1].to(h.dtype)
             if laterals is not None and g < posterior_groups:
                 h, kl, z = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0, None)
             else:
@@ -747,24 +791,32 @@ class VDVAE(nn.Module):
         sample_posterior: bool = True,
         sample_prior: bool = True,
         temperature: float = 1.0,
+        covariates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """:meth:`decode_latents` without the latents: (mean, scale, KL per group)."""
         mean, scale, kls, _ = self.decode_latents(
-            laterals, batch_size, posterior_groups, sample_posterior, sample_prior, temperature
+            laterals, batch_size, posterior_groups, sample_posterior, sample_prior, temperature, None, covariates
         )
         return mean, scale, kls
 
     # ------------------------------------------------------------------ public API
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction mean (B, C, R, R, R) using the posterior means of every latent group."""
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction mean (B, C, R, R, R) using the posterior means of every latent group (``covariates``
+        (B, K): those of ``x``, for a conditional model)."""
         self._check_input(x)
-        mean, _, _ = self.decode(self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=False)
+        mean, _, _ = self.decode(
+            self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=False, covariates=covariates
+        )
         return mean
 
-    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_train(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass with posterior samples: output mean and scale (B, C, R, R, R), KL per group (B, G)."""
         self._check_input(x)
-        mean, scale, kls = self.decode(self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=True)
+        mean, scale, kls = self.decode(
+            self.encode(x), x.shape[0], self.num_latent_groups, sample_posterior=True, covariates=covariates
+        )
         if self.shared_x_scale and self.training:
             scale = self._update_shared_scale(x, mean)
         return mean, scale, torch.stack(kls, dim=1)
@@ -785,20 +837,29 @@ class VDVAE(nn.Module):
         return self.x_scale.view(1, -1, 1, 1, 1).expand_as(mean)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator_seed: int | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator_seed: int | None = None,
+        covariates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Output means of ``n`` samples (n, C, R, R, R), every latent drawn from its prior at ``temperature``
-        as ``temperature_mode`` says."""
+        as ``temperature_mode`` says; a conditional model's at ``covariates`` (n, K) (None: all-zero features, the
+        training mean of numeric covariates)."""
         if n <= 0:
             raise ValueError(f"number of samples must be positive, got {n}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        mean, _, _ = self.decode(None, n, 0, sample_prior=True, temperature=temperature)
+        mean, _, _ = self.decode(None, n, 0, sample_prior=True, temperature=temperature, covariates=covariates)
         return mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, down_to_resolution: int | None = None) -> torch.Tensor:
+    def reconstruct(
+        self, x: torch.Tensor, down_to_resolution: int | None = None, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """ "Progressive" reconstruction (B, C, R, R, R): posterior means for the groups at resolutions
         <= ``down_to_resolution`` (all groups when None), prior means below."""
         self._check_input(x)
@@ -806,13 +867,15 @@ class VDVAE(nn.Module):
             groups = self.num_latent_groups
         else:
             groups = sum(1 for r in self.group_resolutions() if r <= down_to_resolution)
-        mean, _, _ = self.decode(self.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False)
+        mean, _, _ = self.decode(
+            self.encode(x), x.shape[0], groups, sample_posterior=False, sample_prior=False, covariates=covariates
+        )
         return mean
 
     @torch.no_grad()
-    def elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def elbo(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Negative ELBO per volume: see :func:`scripts.vdvae.loss.negative_elbo_terms` for the units."""
-        mean, scale, kl = self.forward_train(x)
+        mean, scale, kl = self.forward_train(x, covariates)
         return negative_elbo_terms(x, mean, scale, kl)
 
     # the interface of scripts.engine.generator.Generator (sampling, evaluation and anomaly workflows)
@@ -868,8 +931,10 @@ class VDVAETrainingStep(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.vae.forward_train(x)
+    def forward(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.vae.forward_train(x, covariates)
 
 
 def validate_architecture(resolution: int, **lists: Sequence[int]) -> None:

@@ -219,10 +219,11 @@ class VDVAETrainer(AmpTrainer):
         x = x.as_tensor() if hasattr(x, "as_tensor") else x
         if engine.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        condition = _covariates(batchdata, engine)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with autocast(engine.state.device, engine.amp_mode):
-            mean, scale, kl = engine.inferer(x, engine.network)
+            mean, scale, kl = engine.inferer(x, engine.network, **condition)
         terms = engine.loss_function(x, mean, scale, kl, step=engine.state.iteration)
         loss = terms["loss"]
         terms = {k: v.detach() for k, v in terms.items()}
@@ -272,6 +273,15 @@ class VDVAETrainer(AmpTrainer):
         return engine.state.output
 
 
+def _covariates(batchdata: dict, engine) -> dict[str, torch.Tensor]:
+    """{"covariates": (B, K)} on the engine's device when the batch carries covariates, else {}."""
+    if "covariates" not in batchdata:
+        return {}
+    c = batchdata["covariates"]
+    c = c.as_tensor() if hasattr(c, "as_tensor") else c
+    return {"covariates": c.to(engine.state.device, non_blocking=engine.non_blocking).float()}
+
+
 def _unwrap_vae(module: nn.Module) -> nn.Module:
     """The VDVAE inside DDP and/or a VDVAETrainingStep wrapper."""
     module = getattr(module, "module", module)  # DistributedDataParallel
@@ -288,11 +298,12 @@ class VDVAEEvaluator(AmpEvaluator):
         x = x.as_tensor() if hasattr(x, "as_tensor") else x
         if engine.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        condition = _covariates(batchdata, engine)
         vae = engine.network.module if isinstance(engine.network, AveragedModel) else engine.network
         vae.eval()
         with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
-            mean, scale, kl = vae.forward_train(x)
+            mean, scale, kl = vae.forward_train(x, **condition)
             terms = negative_elbo_terms(x, mean, scale, kl)
-            recon = vae.reconstruct(x) if engine.state.iteration == 1 else None
+            recon = vae.reconstruct(x, **condition) if engine.state.iteration == 1 else None
         engine.state.output = {"image": x, "recon": recon, **terms}
         return engine.state.output
