@@ -248,3 +248,21 @@ def test_check_conditioning_measures_requested_against_measured_brain_volume(tmp
         assert os.path.getsize(tmp_path / "check" / name) > 0
     with pytest.raises(ValueError, match="no image measurement"):
         check_conditioning(os.path.join(ROOT, "configs/train.json"), covariate="ventricle_volume_ml", **opts)
+
+
+def test_a_cohort_without_its_csv_names_the_command_that_writes_it(tmp_path):
+    from scripts.engine.data import DataSplit
+
+    folder = str(tmp_path / "mni_cohort")
+    generate_mni_cohort(folder, number_of_files=3, voxels_per_axis=16, seed=0)
+    os.remove(os.path.join(folder, COVARIATES_FILE))  # as an older version left it
+    csv_path = os.path.join(folder, COVARIATES_FILE)
+    with pytest.raises(FileNotFoundError, match="--covariates_only True"):
+        DataSplit(folder, str(tmp_path / "run"), covariates_csv=csv_path, default_dataset_dir=folder)
+    with pytest.raises(FileNotFoundError, match="covariates_csv .* does not exist"):
+        DataSplit(folder, str(tmp_path / "run"), covariates_csv=str(tmp_path / "none.csv"))
+    with pytest.raises(ValueError, match="given without covariates_csv"):
+        DataSplit(folder, str(tmp_path / "run"), covariates={"age": "numeric"})
+    generate_mni_cohort(folder, number_of_files=3, voxels_per_axis=16, seed=0, covariates_only=True)
+    split = DataSplit(folder, str(tmp_path / "run"), train_frac=0.6, covariates_csv=csv_path)
+    assert split.num_covariates == 2 and all(item["covariates"].shape == (2,) for item in split.train_data())

@@ -28,7 +28,14 @@ from typing import Any
 import jsonschema
 from monai.bundle import ConfigParser
 
-__all__ = ["from_config_file", "family_schema", "validate_hyperparameters", "check_hyperparameters", "require_base"]
+__all__ = [
+    "from_config_file",
+    "sampling_defaults",
+    "family_schema",
+    "validate_hyperparameters",
+    "check_hyperparameters",
+    "require_base",
+]
 
 
 def from_config_file(bundle_root: str, config_file: str, key: str, overrides: dict | None = None) -> Any:
@@ -78,6 +85,16 @@ def _active_parser() -> ConfigParser | None:
             return obj
         frame = frame.f_back
     return None
+
+
+def sampling_defaults(bundle_root: str, temperature=None, use_latent_prior=None) -> tuple:
+    """(temperature, use_latent_prior): the values given, else ``inference.json``'s, the VDVAE's one default that
+    every tool that samples follows."""
+    if temperature is None:
+        temperature = from_config_file(bundle_root, "configs/inference.json", "temperature")
+    if use_latent_prior is None:
+        use_latent_prior = from_config_file(bundle_root, "configs/inference.json", "use_latent_prior")
+    return temperature, use_latent_prior
 
 
 def family_schema(schema: dict, family: str) -> dict:

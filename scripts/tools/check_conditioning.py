@@ -28,7 +28,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.engine.anatomy import AnatomyScore
-from scripts.engine.config import from_config_file
+from scripts.engine.config import sampling_defaults
 from scripts.engine.covariates import ConditionedGenerator, covariates_in_sidecar
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.sampling import check_sampling_options, draw_samples, load_weights, read_sidecar
@@ -80,10 +80,7 @@ def check_conditioning(
     parser.read_config(config_file)
     parser.update(overrides)
     bundle_root = parser.get_parsed_content("bundle_root")
-    if temperature is None:
-        temperature = from_config_file(bundle_root, "configs/inference.json", "temperature")
-    if use_latent_prior is None:
-        use_latent_prior = from_config_file(bundle_root, "configs/inference.json", "use_latent_prior")
+    temperature, use_latent_prior = sampling_defaults(bundle_root, temperature, use_latent_prior)
     check_sampling_options(num_samples, temperature)
     model_path = parser.get_parsed_content("model_path")
     encoder = covariates_in_sidecar(model_path)
@@ -100,7 +97,8 @@ def check_conditioning(
         1 if c["kind"] == "numeric" else len(c["categories"]) for c in encoder.columns[: encoder.names.index(covariate)]
     )
     train = torch.stack([data.covariate_features[f] for f in data.train_files])
-    lo, hi = column["min"], column["max"]
+    train_values = encoder.decode_numeric(train, covariate)
+    lo, hi = float(train_values.min()), float(train_values.max())
     span = hi - lo
     values = np.linspace(lo - extrapolate * span, hi + extrapolate * span, num_values)
     affine = np.asarray(read_sidecar(model_path)["affine"], dtype=np.float64)
@@ -183,8 +181,8 @@ def _write_markdown(report: dict, path: str) -> None:
 
 
 def _plot(report: dict, heldout_req, heldout_meas, pictures: list, path: str) -> None:
-    fig = new_figure(10.0, 6.5, layout="none")
-    ax = fig.add_axes((0.09, 0.52, 0.45, 0.42))
+    fig = new_figure(10.0, 6.2, layout="none")
+    ax = fig.add_axes((0.09, 0.45, 0.45, 0.5))
     for r in report["per_value"]:
         ax.scatter([r["requested"]] * len(r["measured"]), r["measured"], s=12, color="C0" if r["inside"] else "C1")
     ax.scatter(heldout_req, heldout_meas, s=16, marker="x", color="k", label="held-out volumes (CSV value)")
@@ -196,11 +194,13 @@ def _plot(report: dict, heldout_req, heldout_meas, pictures: list, path: str) ->
     ax.set_ylabel("measured from the image (mL)")
     ax.set_title("Conditional samples: requested against measured", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
+    shown = sorted({round(i) for i in np.linspace(0, len(pictures) - 1, min(4, len(pictures)))})
     draw_volume_rows(
         fig,
-        {f"sample 0 at\nrequested\n{report['covariate']}": pictures},
-        column_titles=[f"{r['requested']:.0f} mL" for r in report["per_value"]],
-        box=(0.2, 0.1, 9.6, 2.4),
+        {f"sample 0 at\nrequested\n{report['covariate']}": [pictures[i] for i in shown]},
+        column_titles=[f"{report['per_value'][i]['requested']:.0f} mL" for i in shown],
+        colorbar_label="intensity, [-1, 1]",
+        box=(0.2, 0.05, 9.6, 2.0),
     )
     save_figure(fig, path)
 

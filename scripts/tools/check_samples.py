@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.engine.config import from_config_file
+from scripts.engine.config import sampling_defaults
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.metrics import dice
 from scripts.engine.sampling import check_sampling_options, draw_samples, load_weights
@@ -50,10 +50,7 @@ def check_samples(
     parser.read_config(config_file)
     parser.update(overrides)
     bundle_root = parser.get_parsed_content("bundle_root")
-    if temperature is None:
-        temperature = from_config_file(bundle_root, "configs/inference.json", "temperature")
-    if use_latent_prior is None:
-        use_latent_prior = from_config_file(bundle_root, "configs/inference.json", "use_latent_prior")
+    temperature, use_latent_prior = sampling_defaults(bundle_root, temperature, use_latent_prior)
     check_sampling_options(num_samples, temperature)
     ckpt_path = ckpt_path or parser.get_parsed_content("model_path")
     net = with_latent_prior(
