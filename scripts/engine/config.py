@@ -31,6 +31,7 @@ from monai.bundle import ConfigParser
 __all__ = [
     "from_config_file",
     "sampling_defaults",
+    "read_config_with_overrides",
     "family_schema",
     "validate_hyperparameters",
     "check_hyperparameters",
@@ -85,6 +86,15 @@ def _active_parser() -> ConfigParser | None:
             return obj
         frame = frame.f_back
     return None
+
+
+def read_config_with_overrides(config_file: str | list[str], overrides: dict) -> ConfigParser:
+    """A parser of ``config_file`` (one file or a list: base first, overlays after) with ``overrides`` set, as
+    ``monai.bundle run --config_file ... --key value`` would: what the tools that read a run's config start from."""
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update(overrides)
+    return parser
 
 
 def sampling_defaults(bundle_root: str, temperature=None, use_latent_prior=None) -> tuple:

@@ -25,10 +25,9 @@ import os
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
 from scripts.engine.anatomy import AnatomyScore
-from scripts.engine.config import sampling_defaults
+from scripts.engine.config import read_config_with_overrides, sampling_defaults
 from scripts.engine.covariates import ConditionedGenerator, covariates_in_sidecar
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.sampling import check_sampling_options, draw_samples, load_weights, read_sidecar
@@ -76,11 +75,10 @@ def check_conditioning(
         raise ValueError(f"covariate {covariate!r} has no image measurement here; measured: {list(MEASURED)}")
     if num_values < 3 or num_samples < 1:
         raise ValueError(f"num_values must be >= 3 and num_samples >= 1, got {num_values} and {num_samples}")
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    parser.update(overrides)
-    bundle_root = parser.get_parsed_content("bundle_root")
-    temperature, use_latent_prior = sampling_defaults(bundle_root, temperature, use_latent_prior)
+    parser = read_config_with_overrides(config_file, overrides)
+    temperature, use_latent_prior = sampling_defaults(
+        parser.get_parsed_content("bundle_root"), temperature, use_latent_prior
+    )
     check_sampling_options(num_samples, temperature)
     model_path = parser.get_parsed_content("model_path")
     encoder = covariates_in_sidecar(model_path)

@@ -22,9 +22,8 @@ import os
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
-from scripts.engine.config import sampling_defaults
+from scripts.engine.config import read_config_with_overrides, sampling_defaults
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.metrics import dice
 from scripts.engine.sampling import check_sampling_options, draw_samples, load_weights
@@ -46,11 +45,10 @@ def check_samples(
     output_png: str | None = None,
     **overrides,
 ) -> dict:
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    parser.update(overrides)
-    bundle_root = parser.get_parsed_content("bundle_root")
-    temperature, use_latent_prior = sampling_defaults(bundle_root, temperature, use_latent_prior)
+    parser = read_config_with_overrides(config_file, overrides)
+    temperature, use_latent_prior = sampling_defaults(
+        parser.get_parsed_content("bundle_root"), temperature, use_latent_prior
+    )
     check_sampling_options(num_samples, temperature)
     ckpt_path = ckpt_path or parser.get_parsed_content("model_path")
     net = with_latent_prior(
