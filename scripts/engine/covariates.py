@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from scripts.engine.sampling import preprocessing_sidecar
+
 __all__ = [
     "KINDS",
     "CovariateEncoder",
@@ -74,8 +76,8 @@ class CovariateEncoder:
     """Encodes covariate values as a feature vector (K,): numeric columns standardised, categorical ones one-hot.
 
     Args:
-        columns: per covariate, in feature order: {"name", "kind": "numeric", "mean", "std"} (and the training
-            range "min", "max") or {"name", "kind": "categorical", "categories": [...]}.
+        columns: per covariate, in feature order: {"name", "kind": "numeric", "mean", "std"} or
+            {"name", "kind": "categorical", "categories": [...]}.
     """
 
     def __init__(self, columns: Sequence[Mapping]) -> None:
@@ -104,27 +106,33 @@ class CovariateEncoder:
                 raise ValueError(f"{where}: no value for the covariate {name!r}")
             value = values[name]
             if c["kind"] == "numeric":
-                number = value if isinstance(value, (int, float)) else _number(str(value), f"{where}, {name!r}")
+                number = value if isinstance(value, (int, float)) else _number(str(value), f"{where}, column {name!r}")
                 out.append((float(number) - c["mean"]) / c["std"])
             else:
                 text = str(value)
                 if text not in c["categories"]:
                     raise ValueError(
-                        f"{where}, {name!r}: category {text!r} was not seen in training (categories: {c['categories']})"
+                        f"{where}, column {name!r}: category {text!r} was not seen in training "
+                        f"(categories: {c['categories']})"
                     )
                 out.extend(1.0 if text == k else 0.0 for k in c["categories"])
         return torch.tensor(out, dtype=torch.float32)
 
-    def decode_numeric(self, features: torch.Tensor, name: str) -> torch.Tensor:
-        """The values of the numeric covariate ``name`` from features (..., K) (the inverse of the standardisation)."""
+    def numeric_feature(self, name: str) -> tuple[int, dict]:
+        """(index of its feature, its column) of the numeric covariate ``name``."""
         i = 0
         for c in self.columns:
             if c["name"] == name:
                 if c["kind"] != "numeric":
                     raise ValueError(f"covariate {name!r} is categorical")
-                return features[..., i] * c["std"] + c["mean"]
+                return i, c
             i += 1 if c["kind"] == "numeric" else len(c["categories"])
         raise KeyError(f"no covariate {name!r} (covariates: {self.names})")
+
+    def decode_numeric(self, features: torch.Tensor, name: str) -> torch.Tensor:
+        """The values of the numeric covariate ``name`` from features (..., K) (the inverse of the standardisation)."""
+        i, c = self.numeric_feature(name)
+        return features[..., i] * c["std"] + c["mean"]
 
     def state_dict(self) -> dict:
         return {"columns": [dict(c) for c in self.columns]}
@@ -143,10 +151,10 @@ def fit_covariates(
     folder_files: Sequence[str] | None = None,
 ) -> tuple[CovariateEncoder, dict[str, torch.Tensor]]:
     """The encoder fitted to the rows of ``train_files`` and the features {file path: (K,)} of every file in
-        ``train_files`` and ``other_files`` (validation). Stops, naming the CSV and what is wrong, when a file has no row,
-        a row names a file that is not in the data, a column is missing, a numeric cell is no number, a category of
-        ``other_files`` was never seen in training, or a numeric column is constant over the training files. A row may name
-    a file of ``folder_files`` (the whole data folder, default the files given) that the run does not use."""
+    ``train_files`` and ``other_files`` (validation). Stops, naming the CSV and what is wrong, when a file has no row,
+    a row names a file that is not in the data, a column is missing, a numeric cell is no number, a category of
+    ``other_files`` was never seen in training, or a numeric column is constant over the training files. A row may
+    name a file of ``folder_files`` (the whole data folder, default the files given) that the run does not use."""
     rows = read_covariates_csv(csv_path, file_column)
     files = list(train_files) + list(other_files)
     by_name = {os.path.basename(f): f for f in files}
@@ -168,47 +176,35 @@ def fit_covariates(
         columns = {k: "numeric" for k in header}
     if not columns:
         raise ValueError(f"{csv_path}: no covariate columns besides {file_column!r}")
+    train_rows = [rows[os.path.basename(f)] for f in train_files]
     spec = []
     for name, kind in columns.items():
         if name not in header:
             raise ValueError(f"{csv_path}: no column {name!r} (covariates option); columns: {header}")
         if kind not in KINDS:
             raise ValueError(f"covariates option: {name!r} must be 'numeric' or 'categorical', got {kind!r}")
-        train_cells = [(rows[os.path.basename(f)], f) for f in train_files]
         if kind == "numeric":
-            values = [_number(r[name], f"{csv_path}, line {r['_line']}, column {name!r}") for r, _ in train_cells]
-            for f in other_files:
-                r = rows[os.path.basename(f)]
-                _number(r[name], f"{csv_path}, line {r['_line']}, column {name!r}")
+            values = [_number(r[name], f"{csv_path}, line {r['_line']}, column {name!r}") for r in train_rows]
             t = torch.tensor(values, dtype=torch.float64)
             std = float(t.std()) if len(t) > 1 else 0.0
             if not std > 0:
                 raise ValueError(f"{csv_path}: covariate {name!r} is constant over the training volumes")
-            spec.append(
-                {
-                    "name": name,
-                    "kind": "numeric",
-                    "mean": float(t.mean()),
-                    "std": std,
-                    "min": float(t.min()),
-                    "max": float(t.max()),
-                }
-            )
+            spec.append({"name": name, "kind": "numeric", "mean": float(t.mean()), "std": std})
         else:
-            categories = sorted({r[name] for r, _ in train_cells if r[name] != ""})
+            categories = sorted({r[name] for r in train_rows if r[name] != ""})
             spec.append({"name": name, "kind": "categorical", "categories": categories})
-    encoder = CovariateEncoder(spec)
-    features = {
-        f: encoder.encode(rows[os.path.basename(f)], f"{csv_path}, line {rows[os.path.basename(f)]['_line']}")
-        for f in files
-    }
+    encoder = CovariateEncoder(spec)  # encoding every file also checks the validation files' cells
+    features = {}
+    for f in files:
+        row = rows[os.path.basename(f)]
+        features[f] = encoder.encode(row, f"{csv_path}, line {row['_line']}")
     return encoder, features
 
 
 def covariates_in_sidecar(model_path: str) -> CovariateEncoder | None:
     """The covariate encoding saved beside ``model_path`` (its ``.json`` sidecar), or None for an unconditional
     model (or weights without a sidecar)."""
-    sidecar = os.path.splitext(model_path)[0] + ".json"
+    sidecar = preprocessing_sidecar(model_path)
     if not os.path.isfile(sidecar):
         return None
     with open(sidecar) as f:

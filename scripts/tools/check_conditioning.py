@@ -9,7 +9,8 @@ the image alone (:meth:`scripts.engine.anatomy.AnatomyScore.brain_volume_ml`: th
 determinant of the affine registration), and reports Pearson r and the mean absolute error in units of the
 training volumes' standard deviation, inside the training range and beyond it. The same measurement on the held-out
 volumes against their CSV values is the floor. Writes ``conditioning.json``, ``conditioning.md`` and
-``conditioning.png`` (requested against measured, and one sample per requested value) to ``output_dir``.
+``conditioning.png`` (requested against measured, and samples at four requested values) to ``report_dir``
+(default ``<output_dir>/conditioning``).
 
 CLI (from the bundle root, with the same overrides as training)::
 
@@ -90,10 +91,7 @@ def check_conditioning(
     net = with_latent_prior(
         load_weights(parser.get_parsed_content("network_def"), model_path, "cpu"), model_path, use_latent_prior
     )
-    column = next(c for c in encoder.columns if c["name"] == covariate)
-    index = sum(
-        1 if c["kind"] == "numeric" else len(c["categories"]) for c in encoder.columns[: encoder.names.index(covariate)]
-    )
+    index, column = encoder.numeric_feature(covariate)
     train = torch.stack([data.covariate_features[f] for f in data.train_files])
     train_values = encoder.decode_numeric(train, covariate)
     lo, hi = float(train_values.min()), float(train_values.max())
@@ -120,8 +118,8 @@ def check_conditioning(
     heldout_measured = scorer.brain_volume_ml(heldout, voxel_ml).numpy()
     std = column["std"]
 
-    def figures(inside: bool | None) -> dict:
-        chosen = [r for r in rows if inside is None or r["inside"] == inside]
+    def figures(inside: bool) -> dict:
+        chosen = [r for r in rows if r["inside"] == inside]
         req = np.concatenate([[r["requested"]] * len(r["measured"]) for r in chosen])
         return control_figures(req, np.concatenate([r["measured"] for r in chosen]), std)
 
