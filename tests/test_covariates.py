@@ -137,6 +137,19 @@ def test_conditioning_off_is_todays_network_and_on_starts_from_it():
     a = conditional.sample(2, generator_seed=1, covariates=c)
     b = conditional.sample(2, generator_seed=1, covariates=-c)
     assert not torch.allclose(a, b, atol=1e-4)
+    # a counterfactual at the volume's own covariates is its reconstruction, at every abduction depth
+    with torch.no_grad():  # priors that depend on the state (their heads start at zero)
+        for block in conditional.decoder_blocks[1:]:
+            for head in (block.prior_mean, block.prior_scale):
+                head.weight.normal_(0, 0.3)
+    recon = conditional.reconstruct(x, covariates=c)
+    for depth in (None, 1, 4, 8):
+        assert torch.allclose(conditional.counterfactual(x, c, c, depth), recon, atol=1e-5)
+        assert not torch.allclose(conditional.counterfactual(x, c, -c, depth), recon, atol=1e-3)
+    # abducting every group moves the latents with the priors; keeping the finer posteriors gives another volume
+    assert not torch.allclose(conditional.counterfactual(x, c, -c), conditional.counterfactual(x, c, -c, 1), atol=1e-4)
+    with pytest.raises(ValueError, match="needs a conditional VDVAE"):
+        plain.counterfactual(x, c, c)
     with pytest.raises(ValueError, match=r"covariates must be \(2, 3\)"):
         conditional(x, torch.randn(2, 2))
     with pytest.raises(ValueError, match="unconditional"):
@@ -211,12 +224,62 @@ def test_conditional_training_samples_follow_the_condition(tmp_path):
     assert proc.returncode != 0 and "no value for the covariate 'site'" in proc.stdout + proc.stderr
     proc = run_bundle({**opts, "condition": {"age": 3.0}}, "configs/inference.json", check=False)
     assert proc.returncode != 0 and "condition names ['age']" in proc.stdout + proc.stderr
-    proc = run_bundle(
-        {"ckpt_path": os.path.join(out, "model.pt"), "output_dir": str(tmp_path / "e"), **arch},
+    # a list of values: one set of samples per value, named by it, the same noise for each
+    sweep = {**opts, "condition": {"radius": [2.5, 6.5], "site": "A"}, "num_samples": 3, "temperature": 1.0}
+    run_bundle(sweep, "configs/inference.json")
+    means = {
+        r: np.mean(
+            [nib.load(str(tmp_path / "s" / f"sample_t1_radius{r}_{i:05d}.nii.gz")).get_fdata().mean() for i in range(3)]
+        )
+        for r in ("2.5", "6.5")
+    }
+    assert means["2.5"] < means["6.5"], means
+    assert os.path.getsize(tmp_path / "s" / "samples.png") > 0
+    # evaluate.json reads the held-out volumes' covariates from the training CSV recorded in the sidecar
+    assert sidecar["covariates"]["csv"] == os.path.abspath(table)
+    run_bundle(
+        {
+            "ckpt_path": os.path.join(out, "model.pt"),
+            "run_dir": out,
+            "output_dir": str(tmp_path / "e"),
+            "num_samples": 4,
+            "temperature": 1.0,
+            "diversity_samples": 4,
+            **arch,
+        },
         "configs/evaluate.json",
-        check=False,
     )
-    assert proc.returncode != 0 and "does not read each volume's covariates yet" in proc.stdout + proc.stderr
+    report = json.load(open(tmp_path / "e" / "report.json"))
+    assert "training volume i mod" in report["conditioning"]
+    assert np.isfinite(report["likelihood"]["neg_elbo_nats_per_voxel"]["median"])
+
+    # counterfactuals: each ball decoded with its radius changed by -2 and +2 voxels (the site kept)
+    recon_dir = str(tmp_path / "cf")
+    recon = {"ckpt_path": os.path.join(out, "model.pt"), "input_dir": data, "output_dir": recon_dir, **arch}
+    run_bundle({**recon, "covariates_csv": table, "counterfactual": {"radius": [-2, 2]}}, "configs/reconstruct.json")
+    means = {"recon": [], "radius-2": [], "radius+2": []}
+    for i in range(16):
+        stem = os.path.join(recon_dir, f"ball_{i:02d}")
+        rec = nib.load(f"{stem}_recon.nii.gz").get_fdata()
+        means["recon"].append(rec.mean())
+        for label in ("radius-2", "radius+2"):
+            cf = nib.load(f"{stem}_cf_{label}.nii.gz").get_fdata()
+            diff = nib.load(f"{stem}_cf_{label}_diff.nii.gz").get_fdata()
+            assert np.allclose(diff, cf - rec, atol=1e-4)
+            means[label].append(cf.mean())
+    assert os.path.getsize(os.path.join(recon_dir, "ball_00_counterfactual.png")) > 0
+    smaller, same, larger = (float(np.mean(means[k])) for k in ("radius-2", "recon", "radius+2"))
+    assert smaller + 1e-3 < same < larger - 1e-3, (smaller, same, larger)
+    # a conditional model needs each volume's covariates (by default the training CSV, here moved away); changes
+    # name covariates the model has
+    os.rename(table, table + ".moved")
+    proc = run_bundle(recon, "configs/reconstruct.json", check=False)
+    os.rename(table + ".moved", table)
+    assert proc.returncode != 0 and "--covariates_csv" in proc.stdout + proc.stderr
+    proc = run_bundle(
+        {**recon, "covariates_csv": table, "counterfactual": {"age": 1}}, "configs/reconstruct.json", check=False
+    )
+    assert proc.returncode != 0 and "counterfactual names ['age']" in proc.stdout + proc.stderr
 
 
 def test_check_conditioning_measures_requested_against_measured_brain_volume(tmp_path):
@@ -224,6 +287,7 @@ def test_check_conditioning_measures_requested_against_measured_brain_volume(tmp
     volume is checked on the held-out volumes, requested values span the training range and beyond, and the
     report, table and figure are written."""
     from scripts.tools.check_conditioning import check_conditioning
+    from scripts.tools.check_counterfactuals import check_counterfactuals
 
     data = str(tmp_path / "cohort")
     generate_mni_cohort(data, number_of_files=12, voxels_per_axis=16, seed=4)
@@ -249,6 +313,24 @@ def test_check_conditioning_measures_requested_against_measured_brain_volume(tmp
     with pytest.raises(ValueError, match="no image measurement"):
         check_conditioning(os.path.join(ROOT, "configs/train.json"), covariate="ventricle_volume_ml", **opts)
 
+    # counterfactuals of the held-out volumes, abducting every group and only down to 4^3
+    cf = check_counterfactuals(
+        os.path.join(ROOT, "configs/train.json"),
+        changes=[-1.0, 1.0],
+        num_volumes=2,
+        abduct_to_resolutions=[None, 4],
+        report_dir=str(tmp_path / "cf"),
+        **opts,
+    )
+    assert [r["abduct_to_resolution"] for r in cf["per_depth"]] == [None, 4]
+    for row in cf["per_depth"]:
+        assert sorted(row["per_change"]) == ["+1 SD", "-1 SD"] and len(row["per_change"]["+1 SD"]) == 2
+        assert np.isfinite(row["reversibility_rmse"]) and -1 <= row["pearson_r"] <= 1
+    for name in ("counterfactuals.json", "counterfactuals.md", "counterfactuals.png"):
+        assert os.path.getsize(tmp_path / "cf" / name) > 0
+    with pytest.raises(ValueError, match="non-zero changes"):
+        check_counterfactuals(os.path.join(ROOT, "configs/train.json"), changes=[0.0, 1.0], **opts)
+
 
 def test_a_cohort_without_its_csv_names_the_command_that_writes_it(tmp_path):
     from scripts.engine.data import DataSplit
@@ -266,3 +348,50 @@ def test_a_cohort_without_its_csv_names_the_command_that_writes_it(tmp_path):
     generate_mni_cohort(folder, number_of_files=3, voxels_per_axis=16, seed=0, covariates_only=True)
     split = DataSplit(folder, str(tmp_path / "run"), train_frac=0.6, covariates_csv=csv_path)
     assert split.num_covariates == 2 and all(item["covariates"].shape == (2,) for item in split.train_data())
+
+
+def test_conditional_vq_prior_trains_and_samples_at_conditions(tmp_path):
+    """The VQ family with covariates: stage 1 as usual, the autoregressive token prior conditioned on the balls'
+    radius; its sidecar holds the encoding, vq_inference.json samples a list of conditions (same noise for each), and
+    the samples differ between conditions; vq_evaluate.json reads the held-out covariates."""
+    from tests.test_vq import AUTOREGRESSIVE, PRIOR, STAGE1, stage1_overrides, stage2_overrides
+
+    data = str(tmp_path / "balls")
+    table = sphere_cohort(data, radii=np.linspace(2.5, 6.5, 12).round(2).tolist())
+    s1 = stage1_overrides(data, str(tmp_path / "vqvae"), covariates_csv=table, covariates={"radius": "numeric"})
+    run_bundle(s1, STAGE1)
+    s2 = stage2_overrides(s1, str(tmp_path / "prior"))
+    run_bundle(s2, json.dumps([STAGE1, PRIOR, AUTOREGRESSIVE]))
+    sidecar = json.load(open(tmp_path / "prior" / "prior.json"))
+    assert [c["name"] for c in sidecar["covariates"]["columns"]] == ["radius"]
+    shared = {
+        "vqvae_path": s1["vqvae_path"],
+        "ckpt_path": s2["model_path"],
+        "prior": "autoregressive",
+        **{k: s1[k] for k in ("resolution", "vq_channels", "num_embeddings", "embedding_dim")},
+        **{k: s2[k] for k in ("prior_dim", "prior_depth", "prior_heads")},
+    }
+    out = tmp_path / "samples"
+    run_bundle(
+        {**shared, "output_dir": str(out), "condition": {"radius": [2.5, 6.5]}, "num_samples": 2},
+        "configs/vq_inference.json",
+    )
+    small, large = (
+        [nib.load(str(out / f"sample_t0.9_radius{r}_{i:05d}.nii.gz")).get_fdata() for i in range(2)]
+        for r in ("2.5", "6.5")
+    )
+    assert not np.allclose(small[0], large[0])  # the same noise, another condition
+    evaluation = tmp_path / "eval"
+    run_bundle(
+        {
+            **shared,
+            "run_dir": s1["output_dir"],
+            "output_dir": str(evaluation),
+            "num_samples": 2,
+            "diversity_samples": 2,
+            "temperature": 1.0,
+        },
+        json.dumps(["configs/evaluate.json", "configs/vq_evaluate.json"]),
+    )
+    report = json.load(open(evaluation / "report.json"))
+    assert "training volume i mod" in report["conditioning"]

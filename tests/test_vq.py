@@ -201,6 +201,28 @@ def test_autoregressive_likelihood_is_normalised_and_completion_keeps_tokens():
         VQGenerator(tiny_vqvae(num_embeddings=8), prior)
 
 
+def test_conditional_autoregressive_prior_is_a_distribution_per_condition():
+    """With covariates the prior reads them through cross-attention: for each condition the likelihood sums to 1
+    over all grids, and conditions change it; without covariates the tensors are the unconditional prior's."""
+    torch.manual_seed(0)
+    plain = AutoregressivePrior((1, 2), 3, dim=8, depth=1, heads=2)
+    conditional = AutoregressivePrior((1, 2), 3, dim=8, depth=1, heads=2, num_covariates=2).eval()
+    assert not any(".cross_attn." in k or "covariate" in k for k in plain.state_dict())  # as before
+    assert any(k.startswith("covariate_embedding.") for k in conditional.state_dict())
+    grids = torch.tensor(list(itertools.product(range(3), repeat=2))).reshape(9, 1, 2)
+    with torch.no_grad():
+        totals = [conditional.token_nll(grids, c.expand(9, 2)).sum(1) for c in (torch.zeros(1, 2), torch.ones(1, 2))]
+    for total in totals:
+        assert float(torch.exp(-total).sum()) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(totals[0], totals[1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"covariates must be \(9, 2\)"):
+        conditional.token_nll(grids, torch.zeros(9, 3))
+    with pytest.raises(ValueError, match="unconditional"):
+        plain.token_nll(grids, torch.zeros(9, 2))
+    with pytest.raises(ValueError, match="absorbing-diffusion prior is unconditional"):
+        AbsorbingDiffusionPrior((1, 2), 3, num_timesteps=2, dim=8, depth=1, heads=2).loss(grids, torch.zeros(9, 2))
+
+
 def test_region_token_mask():
     m = region_token_mask((2, 2, 4), 3, "first_half")
     assert m.shape == (3, 2, 2, 4) and m[..., :2].all() and not m[..., 2:].any()

@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
+from monai.engines.utils import PrepareBatchExtraInput, default_prepare_batch
 
 from scripts.engine.sampling import preprocessing_sidecar
 
@@ -30,9 +31,17 @@ __all__ = [
     "covariates_in_sidecar",
     "num_covariate_features",
     "ConditionedGenerator",
+    "ConditionSweep",
+    "condition_labels",
     "with_condition",
     "condition_values",
     "require_unconditional",
+    "with_covariates",
+    "training_csv",
+    "covariate_features_of",
+    "prepare_batch",
+    "CovariateChange",
+    "counterfactual_changes",
 ]
 
 KINDS = ("numeric", "categorical")
@@ -242,16 +251,63 @@ class ConditionedGenerator(torch.nn.Module):
         return self.generator.sample(n, temperature, covariates=self.features.expand(n, -1))
 
 
+class ConditionSweep(torch.nn.Module):
+    """A conditional generator at several conditions: ``select(l)`` is the :class:`ConditionedGenerator` of condition
+    l (``features`` (L, K), ``conditions`` their column values); ``labels`` name them in file names, e.g.
+    ``brain_volume_ml1700``. Every other attribute is the generator's."""
+
+    def __init__(self, generator: torch.nn.Module, features: torch.Tensor, conditions: Sequence[Mapping]) -> None:
+        super().__init__()
+        self.generator = generator
+        self.conditions = [dict(c) for c in conditions]
+        self.register_buffer("features", features.float())
+        varying = [k for k in self.conditions[0] if len({str(c[k]) for c in self.conditions}) > 1]
+        self.labels = [
+            "_".join(f"{k}{c[k]:g}" if isinstance(c[k], float) else f"{k}{c[k]}" for k in varying)
+            for c in self.conditions
+        ]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("generator"), name)
+
+    def select(self, index: int) -> ConditionedGenerator:
+        return ConditionedGenerator(self.generator, self.features[index], self.conditions[index])
+
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        raise ValueError(f"{len(self.conditions)} conditions: sample each with select(l) (labels {self.labels})")
+
+
 def with_condition(generator: torch.nn.Module, model_path: str, condition: Mapping[str, object] | None):
     """``generator`` sampling at ``condition`` (inference.json's option) when the model at ``model_path`` is
-    conditional; a condition for an unconditional model stops with an error."""
+    conditional: a :class:`ConditionedGenerator`, or a :class:`ConditionSweep` when ``condition`` gives lists of
+    values (one condition per element; lists of one condition have the same length, single values are used in each).
+    A condition for an unconditional model stops with an error."""
     encoder = covariates_in_sidecar(model_path)
     if encoder is None:
         if condition:
             raise ValueError(f"condition {dict(condition)} given, but the model at {model_path} has no covariates")
         return generator
-    values = condition_values(encoder, condition or {})
-    return ConditionedGenerator(generator, encoder.encode(values, "condition"), values)
+    condition = dict(condition or {})
+    lengths = {len(v) for v in condition.values() if isinstance(v, (list, tuple))}
+    if len(lengths) > 1 or 0 in lengths:
+        raise ValueError(f"condition: the lists of values must have one and the same length, got {condition}")
+    if not lengths:
+        values = condition_values(encoder, condition)
+        return ConditionedGenerator(generator, encoder.encode(values, "condition"), values)
+    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    conditions = [
+        condition_values(encoder, {k: pick(v, i) for k, v in condition.items()}) for i in range(lengths.pop())
+    ]
+    features = torch.stack([encoder.encode(c, f"condition {i}") for i, c in enumerate(conditions)])
+    return ConditionSweep(generator, features, conditions)
+
+
+def condition_labels(network: torch.nn.Module) -> list[str]:
+    """The labels of a :class:`ConditionSweep`'s conditions; [] for a generator with one condition or none."""
+    return list(network.labels) if isinstance(network, ConditionSweep) else []
 
 
 def condition_values(encoder: CovariateEncoder, condition: Mapping[str, object]) -> dict:
@@ -277,3 +333,114 @@ def require_unconditional(model_path: str, config: str) -> int:
             "sample it with configs/inference.json --condition \"{'name': value}\""
         )
     return 0
+
+
+def training_csv(model_path: str) -> str | None:
+    """The covariates CSV the model at ``model_path`` was trained with (recorded in its sidecar), when it still
+    exists; None otherwise."""
+    with open(preprocessing_sidecar(model_path)) as f:
+        path = (json.load(f).get("covariates") or {}).get("csv")
+    return path if path and os.path.isfile(path) else None
+
+
+def covariate_features_of(files: Sequence[str], model_path: str, csv_path: str | None) -> dict | None:
+    """{file: (K,) features} of ``files`` for the conditional model at ``model_path`` (see :func:`with_covariates`),
+    None for an unconditional model."""
+    if covariates_in_sidecar(model_path) is None:
+        return None
+    return {
+        item["image"]: item["covariates"]
+        for item in with_covariates([{"image": f} for f in files], model_path, csv_path)
+    }
+
+
+def with_covariates(items: Sequence[Mapping], model_path: str, csv_path: str | None, key: str = "image") -> list:
+    """``items`` ({key: volume path, ...}) with ``"covariates"`` (K,): each volume's row of ``csv_path`` (None: the
+    training CSV, :func:`training_csv`) encoded as the model at ``model_path`` was trained (its sidecar's encoding,
+    no refit). For an unconditional model the items are returned as they are. Stops, naming the CSV, line and column, on a missing CSV, row or value."""
+    encoder = covariates_in_sidecar(model_path)
+    if encoder is None:
+        return [dict(item) for item in items]
+    csv_path = csv_path or training_csv(model_path)
+    if not csv_path:
+        raise ValueError(
+            f"{model_path} is conditioned on {encoder.names}: give each volume's covariates with --covariates_csv "
+            "(a CSV with a 'file' column and those columns, e.g. the one the model was trained with)"
+        )
+    rows = read_covariates_csv(csv_path)
+    out = []
+    for item in items:
+        name = os.path.basename(str(item[key]))
+        if name not in rows:
+            raise ValueError(f"{csv_path}: no row for {name!r} (every volume needs a row whose 'file' is its name)")
+        row = rows[name]
+        out.append({**item, "covariates": encoder.encode(row, f"{csv_path}, line {row['_line']}")})
+    return out
+
+
+def prepare_batch(model_path: str):
+    """The evaluator's ``prepare_batch``: passes the batch's ``covariates`` to the inferer (as the keyword
+    ``covariates``) for a conditional model, nothing extra for an unconditional one."""
+    if covariates_in_sidecar(model_path) is None:
+        return default_prepare_batch
+    return PrepareBatchExtraInput({"covariates": "covariates"})
+
+
+class CovariateChange:
+    """One counterfactual change of covariate features (B, K) -> (B, K): per numeric covariate a change of its value
+    (in its own units: ``{'brain_volume_ml': 100}`` adds 100 mL to each volume's own value), per categorical one
+    the new category. ``label`` names it in file names, e.g. ``brain_volume_ml+100``."""
+
+    def __init__(self, encoder: CovariateEncoder, change: Mapping[str, object]) -> None:
+        unknown = sorted(set(change) - set(encoder.names))
+        if unknown or not change:
+            raise ValueError(f"counterfactual names {unknown or 'no covariate'}; the model has {encoder.names}")
+        self.encoder, self.change = encoder, dict(change)
+        offset, parts = 0, []
+        self.shift = torch.zeros(encoder.num_features)
+        self.categorical: dict[int, tuple[int, int]] = {}  # feature offset -> (one-hot width, chosen index)
+        for c in encoder.columns:
+            width = 1 if c["kind"] == "numeric" else len(c["categories"])
+            if c["name"] in change:
+                value = change[c["name"]]
+                if c["kind"] == "numeric":
+                    delta = _number(str(value), f"counterfactual {c['name']!r}")
+                    self.shift[offset] = delta / c["std"]
+                    parts.append(f"{c['name']}{delta:+g}")
+                else:
+                    if str(value) not in c["categories"]:
+                        raise ValueError(
+                            f"counterfactual {c['name']!r}: category {value!r} was not seen in training "
+                            f"(categories: {c['categories']})"
+                        )
+                    self.categorical[offset] = (width, c["categories"].index(str(value)))
+                    parts.append(f"{c['name']}={value}")
+            offset += width
+        self.label = "_".join(parts)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        out = features + self.shift.to(features)
+        for offset, (width, index) in self.categorical.items():
+            out[:, offset : offset + width] = 0.0
+            out[:, offset + index] = 1.0
+        return out
+
+
+def counterfactual_changes(model_path: str, counterfactual: Mapping[str, object] | None) -> list[CovariateChange]:
+    """The changes of ``reconstruct.json``'s ``counterfactual`` option for the model at ``model_path``: a mapping
+    covariate -> change, where a list gives one counterfactual per element (lists of one mapping must have the same
+    length; a single value is used in each). None or {} gives none; a counterfactual of an unconditional model stops
+    with an error."""
+    if not counterfactual:
+        return []
+    encoder = covariates_in_sidecar(model_path)
+    if encoder is None:
+        raise ValueError(
+            f"counterfactual {dict(counterfactual)} given, but the model at {model_path} has no covariates"
+        )
+    lengths = {len(v) for v in counterfactual.values() if isinstance(v, (list, tuple))}
+    if len(lengths) > 1:
+        raise ValueError(f"counterfactual: the lists of changes must have the same length, got {dict(counterfactual)}")
+    count = lengths.pop() if lengths else 1
+    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return [CovariateChange(encoder, {k: pick(v, i) for k, v in counterfactual.items()}) for i in range(count)]

@@ -157,9 +157,11 @@ class DataSplit:
                 )
         self.preprocessing_info: dict = {}
         self.covariate_encoder, self.covariate_features = None, {}
+        self.covariates_csv = None
         if covariates_csv:
+            self.covariates_csv = _covariates_file(covariates_csv, self.dataset_dir, default_dataset_dir)
             self.covariate_encoder, self.covariate_features = fit_covariates(
-                _covariates_file(covariates_csv, self.dataset_dir, default_dataset_dir),
+                self.covariates_csv,
                 self.train_files,
                 self.val_files,
                 covariates,
@@ -224,7 +226,10 @@ class DataSplit:
                 "intensity_high": float(np.median(highs)),
             }
             if self.covariate_encoder is not None:  # saved beside the weights: sampling needs no CSV
-                self.preprocessing_info["covariates"] = self.covariate_encoder.state_dict()
+                self.preprocessing_info["covariates"] = {
+                    **self.covariate_encoder.state_dict(),
+                    "csv": os.path.abspath(self.covariates_csv),  # the default of reconstruct / evaluate
+                }
         return self.preprocessing_info
 
     def state_dict(self) -> dict:

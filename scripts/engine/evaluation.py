@@ -51,6 +51,7 @@ from monai.metrics import MMDMetric, PSNRMetric, SSIMMetric
 from torch import nn
 
 from scripts.engine.anatomy import AnatomyScore, blur_equivalent_sigma, gaussian_blur
+from scripts.engine.covariates import ConditionedGenerator
 from scripts.engine.data import check_nifti_header, find_niftis, make_dataset
 from scripts.engine.generator import require_generator
 from scripts.engine.metrics import frechet_distance, mean_pairwise_ms_ssim, ms_ssim_parameters, summary, to_unit
@@ -289,6 +290,7 @@ def evaluate(
     num_workers: int = 0,
     sources: dict | None = None,
     anatomy_template: str | None = None,
+    covariates: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Evaluates ``network`` and writes ``output_dir/report.json`` and ``output_dir/report.png``.
 
@@ -315,6 +317,9 @@ def evaluate(
         sources: where the file lists came from, copied into the report.
         anatomy_template: a skull-stripped template of the data's contrast in MNI152 space for the anatomy score
             (None: nilearn's MNI152 T1 brain; see :mod:`scripts.engine.anatomy`).
+        covariates: for a conditional model, {file: (K,) features} of the held-out and the training volumes: the
+            likelihood and reconstructions use each held-out volume's own, and sample i is drawn at those of training
+            volume i mod N, so that the samples follow the covariates of the set they are compared with.
     """
     temps = _check_inputs(num_samples, temperature, heldout_files, train_files)
     train_shapes = check_shapes_match(heldout_files, train_files) if check_shapes else None
@@ -323,6 +328,8 @@ def evaluate(
 
     def loader(files: Sequence[str], cached: bool = False) -> DataLoader:
         data = [{"image": f} for f in files]
+        if covariates is not None and not cached:  # the held-out volumes
+            data = [{**d, "covariates": covariates[d["image"]]} for d in data]
         ds = (
             make_dataset(data, preprocessing, cache, os.path.join(output_dir, "cache"))
             if cached
@@ -340,6 +347,7 @@ def evaluate(
     held = _heldout_pass(network, loader(heldout_files), space, device, amp, diversity_samples, anatomy)
     ms_params = ms_ssim_parameters(network.resolution)
     n_eq = min(num_samples, held["z"].shape[0])
+    conditions = None if covariates is None else torch.stack([covariates[f] for f in train_files]).to(device)
     report: dict = {
         "checkpoint_resolution": int(network.resolution),
         "heldout": {"source": (sources or {}).get("heldout"), "num_volumes": held["z"].shape[0]},
@@ -380,6 +388,11 @@ def evaluate(
         )
         report["real"]["heldout_volumes_identical_to_a_training_volume"] = int((held["distances"] == 0).sum())
     shown, distances = held["shown"], {"held-out": held["distances"]}
+    if conditions is not None:
+        report["conditioning"] = (
+            "conditional model: likelihood and reconstructions at each held-out volume's covariates; sample i at "
+            f"those of training volume i mod {len(conditions)}"
+        )
     for t in temps:
         logger.info(f"evaluation: {num_samples} samples at temperature {t:g}")
         section, first, dist = _sample_pass(
@@ -396,6 +409,7 @@ def evaluate(
             n_eq,
             train_files,
             anatomy,
+            conditions,
         )
         report["anatomy"]["samples"][f"{t:g}"] = section["anatomy_score"]
         section["fraction_closer_than_closest_heldout"] = float((dist < held["distances"].min()).mean())
@@ -438,10 +452,11 @@ def _heldout_pass(
                 raise ValueError(
                     f"evaluation needs single-channel 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])}"
                 )
+            cond = {"covariates": batch["covariates"].to(device).float()} if "covariates" in batch else {}
             with autocast(device, amp):
-                for k, v in network.heldout_likelihood(x).items():
+                for k, v in network.heldout_likelihood(x, **cond).items():
                     terms.setdefault(k, []).append(v.float().cpu())
-                recon = network(x).float()
+                recon = network(x, **cond).float()
             psnr(to_unit(recon), to_unit(x))
             ssim(to_unit(recon), to_unit(x))
             sigmas.append(blur_equivalent_sigma(x, recon))
@@ -490,16 +505,27 @@ def _sample_pass(
     n_eq: int,
     train_files: Sequence[str],
     anatomy: AnatomyScore,
+    conditions: torch.Tensor | None = None,
 ) -> tuple[dict, list[torch.Tensor], np.ndarray]:
     """``num_samples`` samples at temperature ``t``, the stream ``seed`` of :func:`draw_samples` (the volumes
-    ``inference.json`` writes for that seed): the report's section, the first four samples and every sample's distance
-    to its nearest training volume."""
+    ``inference.json`` writes for that seed; sample i at the features ``conditions[i % N]`` (N, K) of a conditional
+    model): the report's section, the first four samples and every sample's distance to its nearest training
+    volume."""
     feats, diversity, nearest, first, seconds, scores = [], [], space.nearest(), [], 0.0, []
     with torch.no_grad():
         for start in range(0, num_samples, batch_size):
             tic = time.perf_counter()
+            indices = range(start, min(start + batch_size, num_samples))
             with autocast(device, amp):
-                s = draw_samples(network, t, seed, range(start, min(start + batch_size, num_samples)))
+                if conditions is None:
+                    s = draw_samples(network, t, seed, indices)
+                else:
+                    s = torch.cat(
+                        [
+                            draw_samples(ConditionedGenerator(network, conditions[i % len(conditions)]), t, seed, [i])
+                            for i in indices
+                        ]
+                    )
             seconds += time.perf_counter() - tic
             feats.append(space.features(s))
             scores.append(anatomy(s).numpy())

@@ -15,7 +15,9 @@ __all__ = ["Generator", "require_generator"]
 
 @runtime_checkable
 class Generator(Protocol):
-    """A trained generator of single-channel volumes of ``resolution`` voxels per axis on the [-1, 1] scale."""
+    """A trained generator of single-channel volumes of ``resolution`` voxels per axis on the [-1, 1] scale. A
+    conditional one also takes ``covariates`` (B, K) as a keyword of ``__call__``, ``sample`` and
+    ``heldout_likelihood``."""
 
     resolution: int
 

@@ -23,7 +23,7 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
 from scripts.engine.training import autocast
-from scripts.engine.visualisation import plot_volume_rows
+from scripts.engine.visualisation import counterfactual_figure, plot_volume_rows, save_figure
 
 __all__ = [
     "draw_samples",
@@ -171,11 +171,16 @@ def nifti_array(item: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.nd
 
 
 class SampleRequests(torch.utils.data.Dataset):
-    """``num_samples`` requests per temperature: items {"index", "temperature"}."""
+    """``num_samples`` requests per temperature and condition: items {"index", "temperature", "condition"}."""
 
-    def __init__(self, num_samples: int, temperature: float | Sequence[float]) -> None:
+    def __init__(self, num_samples: int, temperature: float | Sequence[float], num_conditions: int = 1) -> None:
         temps = check_sampling_options(num_samples, temperature)
-        self.items = [{"index": i, "temperature": t} for t in temps for i in range(num_samples)]
+        self.items = [
+            {"index": i, "temperature": t, "condition": c}
+            for t in temps
+            for c in range(num_conditions)
+            for i in range(num_samples)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -217,12 +222,19 @@ class SamplingEvaluator(SupervisedEvaluator):
 
     def _iteration(self, engine: SamplingEvaluator, batchdata: dict) -> dict:
         temps, indices = batchdata["temperature"].tolist(), batchdata["index"].tolist()
+        conditions = batchdata["condition"].tolist()
+        net = engine.network  # a ConditionSweep (several conditions) gives the generator of each with select
+
+        def generator(c: int) -> torch.nn.Module:
+            return net.select(c) if hasattr(net, "select") else net
+
         with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
-            out = [engine.inferer([i], engine.network, t, engine.seed) for i, t in zip(indices, temps)]
+            out = [engine.inferer([i], generator(c), t, engine.seed) for i, t, c in zip(indices, temps, conditions)]
         engine.state.output = {
             "pred": torch.cat(out).float(),
             "index": batchdata["index"],
             "temperature": batchdata["temperature"],
+            "condition": batchdata["condition"],
         }
         return engine.state.output
 
@@ -236,13 +248,17 @@ class PriorSampler(Inferer):
 
 
 class SampleWriter:
-    """Writes each sample as ``output_dir/sample_t<T>_<index>.nii.gz`` on the training grid (affine from the
-    sidecar JSON of the weights), intensities mapped from [-1, 1] back to the training set's window, and at the
-    end ``output_dir/samples.png`` (3-plane rows of the first ``montage_size`` samples)."""
+    """Writes each sample as ``output_dir/sample_t<T>_<index>.nii.gz`` (``sample_t<T>_<condition label>_<index>``
+    with several conditions, ``condition_labels``) on the training grid (affine from the sidecar JSON of the
+    weights), intensities mapped from [-1, 1] back to the training set's window, and at the end
+    ``output_dir/samples.png`` (3-plane rows of the first ``montage_size`` samples, shared among the conditions)."""
 
-    def __init__(self, output_dir: str, model_path: str, montage_size: int = 8) -> None:
+    def __init__(
+        self, output_dir: str, model_path: str, montage_size: int = 8, condition_labels: Sequence[str] = ()
+    ) -> None:
         self.output_dir = output_dir
         self.montage_size = int(montage_size)
+        self.labels = list(condition_labels)
         info = read_sidecar(model_path)
         self.affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
         self.low = float(info.get("intensity_low", -1.0))
@@ -257,12 +273,16 @@ class SampleWriter:
 
     def _write(self, engine: Engine) -> None:
         out = engine.state.output
-        for vol, idx, t in zip(out["pred"].cpu().numpy(), out["index"].tolist(), out["temperature"].tolist()):
-            path = os.path.join(self.output_dir, f"sample_t{t:g}_{idx:05d}.nii.gz")
+        per_condition = max(1, self.montage_size // max(1, len(self.labels)))
+        for vol, idx, t, c in zip(
+            out["pred"].cpu().numpy(), out["index"].tolist(), out["temperature"].tolist(), out["condition"].tolist()
+        ):
+            label = f"_{self.labels[c]}" if self.labels else ""
+            path = os.path.join(self.output_dir, f"sample_t{t:g}{label}_{idx:05d}.nii.gz")
             save_nifti(nifti_array(vol, self.low, self.high), self.affine, path)
             self.written.append(path)
-            if len(self._shown) < self.montage_size:
-                self._shown[f"sample {idx}, T={t:g}"] = [vol]
+            if len(self._shown) < self.montage_size and idx < per_condition:
+                self._shown[f"sample {idx}, T={t:g}" + (f"\n{self.labels[c]}" if self.labels else "")] = [vol]
 
     def _montage(self, engine: Engine) -> None:
         if self._shown:
@@ -274,21 +294,34 @@ class SampleWriter:
 
 
 class ProgressiveReconstructor(Inferer):
-    """Inferer: (B, 1, R, R, R) inputs -> (B, 1 + K, R, R, R). Channel 0 is the reconstruction from the
-    posterior means of every latent group (``network.reconstruct(x)``); channel k is the "progressive"
+    """Inferer: (B, 1, R, R, R) inputs -> (B, 1 + K + L, R, R, R). Channel 0 is the reconstruction from the
+    posterior means of every latent group (``network.reconstruct(x)``); channel k <= K is the "progressive"
     reconstruction ``network.reconstruct(x, resolutions[k - 1])``: posterior means for the groups at
-    resolutions <= that one, prior means below, so coarse settings keep only the input's coarse layout.
+    resolutions <= that one, prior means below, so coarse settings keep only the input's coarse layout. For a
+    conditional model (``covariates`` (B, F) given) channel K + l is the counterfactual of ``counterfactuals[l - 1]``
+    (:meth:`scripts.vdvae.network.VDVAE.counterfactual`).
 
     Args:
         resolutions: latent resolutions (voxels per axis) to stop at; None for every resolution that holds a
             latent group, except the finest (which gives the full reconstruction).
         amp_mode: "none", "bfloat16" or "float16" (CUDA), as in training.
+        counterfactuals: changes of the covariate features (:class:`scripts.engine.covariates.CovariateChange`).
+        abduct_to_resolution: the counterfactual's coarsest-to-this-resolution groups follow the new covariates'
+            priors, finer ones keep the posterior (None: every group).
     """
 
-    def __init__(self, resolutions: Sequence[int] | None = None, amp_mode: str = "none") -> None:
+    def __init__(
+        self,
+        resolutions: Sequence[int] | None = None,
+        amp_mode: str = "none",
+        counterfactuals: Sequence = (),
+        abduct_to_resolution: int | None = None,
+    ) -> None:
         super().__init__()
         self.resolutions = None if resolutions is None else [int(r) for r in resolutions]
         self.amp_mode = amp_mode
+        self.counterfactuals = list(counterfactuals)
+        self.abduct_to_resolution = abduct_to_resolution
 
     def levels(self, network: torch.nn.Module) -> list[int]:
         """The progressive resolutions used with ``network``, coarse to fine."""
@@ -300,10 +333,19 @@ class ProgressiveReconstructor(Inferer):
             raise ValueError(f"progressive_resolutions {bad} hold no latent group; choose among {available}")
         return sorted(self.resolutions)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        c = covariates.as_tensor() if hasattr(covariates, "as_tensor") else covariates
+        if self.counterfactuals and c is None:
+            raise ValueError("counterfactuals need the volumes' covariates (a conditional model and covariates_csv)")
         with torch.no_grad(), autocast(x.device, self.amp_mode):
-            outs = [network.reconstruct(x)] + [network.reconstruct(x, r) for r in self.levels(network)]
+            outs = [network.reconstruct(x, covariates=c)]
+            outs += [network.reconstruct(x, r, covariates=c) for r in self.levels(network)]
+            outs += [
+                network.counterfactual(x, c, change(c), self.abduct_to_resolution) for change in self.counterfactuals
+            ]
         return torch.cat([o.float() for o in outs], dim=1)
 
 
@@ -313,7 +355,10 @@ class ReconstructionWriter:
     * ``<name>_input.nii.gz``: the preprocessed input the network saw;
     * ``<name>_recon.nii.gz``: its reconstruction (posterior means of every latent group);
     * ``<name>_recon_to_r<r>.nii.gz``: progressive reconstructions (posterior means down to r^3, prior below);
-    * ``<name>.png``: 3-plane rows of the input, the progressive reconstructions coarse to fine, and the full one.
+    * ``<name>.png``: 3-plane rows of the input, the progressive reconstructions coarse to fine, and the full one;
+    * for each counterfactual ``<label>`` (``counterfactual_labels``, e.g. ``brain_volume_ml+100``):
+      ``<name>_cf_<label>.nii.gz`` and ``<name>_cf_<label>_diff.nii.gz`` (the counterfactual minus the
+      reconstruction), and ``<name>_counterfactual.png`` (reconstruction, counterfactuals, differences).
 
     Volumes lie on the preprocessed grid of the input (its MONAI affine: same world space as the input file,
     so they overlay it in a viewer), with [-1, 1] mapped back to the input's own intensity window (its
@@ -326,9 +371,11 @@ class ReconstructionWriter:
         levels: Sequence[int],
         clamp_percentiles: Sequence[float] = (0.05, 99.95),
         write_png: bool = True,
+        counterfactual_labels: Sequence[str] = (),
     ) -> None:
         self.output_dir = output_dir
         self.levels = [int(r) for r in levels]
+        self.counterfactual_labels = list(counterfactual_labels)
         self.percentiles = [float(p) for p in clamp_percentiles]
         self.write_png = bool(write_png)
         self.written: list[str] = []
@@ -342,7 +389,7 @@ class ReconstructionWriter:
 
     def _write(self, engine: Engine) -> None:
         image = engine.state.batch["image"]
-        pred = engine.state.output["pred"].detach().float().cpu().numpy()  # (B, 1 + K, R, R, R)
+        pred = engine.state.output["pred"].detach().float().cpu().numpy()  # (B, 1 + K + L, R, R, R)
         names = image.meta["filename_or_obj"]
         affines = image.affine.reshape(-1, 4, 4).cpu().numpy()
         inputs = torch.as_tensor(image).float().cpu().numpy()
@@ -363,4 +410,14 @@ class ReconstructionWriter:
                     "full reconstruction": [pred[b, 0]],
                 }
                 plot_volume_rows(rows, f"{out}.png", title=f"{stem}: progressive reconstructions, coarse to fine")
+            first = 1 + len(self.levels)
+            cfs = [pred[b, first + i] for i in range(len(self.counterfactual_labels))]
+            for label, cf in zip(self.counterfactual_labels, cfs):
+                save_nifti(to_raw(cf), affines[b], f"{out}_cf_{label}.nii.gz")
+                save_nifti(to_raw(cf) - to_raw(pred[b, 0]), affines[b], f"{out}_cf_{label}_diff.nii.gz")
+            if cfs and self.write_png:
+                figure = counterfactual_figure(
+                    pred[b, 0], cfs, self.counterfactual_labels, title=f"{stem}: counterfactuals"
+                )
+                save_figure(figure, f"{out}_counterfactual.png")
             self.written.append(f"{out}_recon.nii.gz")

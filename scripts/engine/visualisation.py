@@ -30,6 +30,7 @@ __all__ = [
     "hide_ticks",
     "inches_axes",
     "text_width",
+    "counterfactual_figure",
     "volume_rows_size",
     "draw_volume_rows",
     "volume_rows_figure",
@@ -185,13 +186,15 @@ def draw_volume_rows(
     box: Sequence[float] | None = None,
     gap: int = 3,
     max_panel: float = 1.5,
+    cmap=None,
 ) -> list[Axes]:
     """Draws one axes per entry of ``rows`` (label -> volumes, each (D, H, W) or (1, D, H, W); empty entries are
     skipped) into ``box`` = (left, bottom, width, height) inches of ``fig`` (default all of it): the axial, coronal
     and sagittal slices through the centre of each volume side by side, every row in grey on the one scale
     [``low``, ``high``] with one colorbar. The row label is the axes' y label, the plane names are the bottom
     row's x tick labels and ``column_titles`` (one per volume) stand above the top row. Axes are placed by hand
-    (use a figure without a layout engine) so that labels never crop and the images keep their aspect."""
+    (use a figure without a layout engine) so that labels never crop and the images keep their aspect. ``cmap``:
+    a matplotlib colormap instead of grey (e.g. a diverging one for differences)."""
     names = [k for k, v in rows.items() if len(v)]
     images = [_row_image(_as_volumes(rows[k]), low, high, gap) for k in names]
     width_px = max(img.shape[1] for img, _ in images)
@@ -207,7 +210,7 @@ def draw_volume_rows(
         (bh - top_margin - bottom_margin - ROW_GAP * (n - 1)) / (n * height_px),
     )
     w_in, h_in = width_px * scale, height_px * scale
-    cmap = grey_colormap()
+    cmap = grey_colormap() if cmap is None else cmap
     axes, im = [], None
     y = bottom + bh - top_margin
     for r, (name, (img, centres)) in enumerate(zip(names, images)):
@@ -327,4 +330,40 @@ def anomaly_overlay_figure(
     )
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def counterfactual_figure(
+    reconstruction: np.ndarray, counterfactuals: Sequence[np.ndarray], labels: Sequence[str], title: str | None = None
+) -> Figure:
+    """Two blocks of 3-plane rows: the reconstruction and each counterfactual (D, H, W) in grey on [-1, 1], then
+    each counterfactual minus the reconstruction on a symmetric blue (darker) to red (brighter) scale."""
+    import matplotlib
+
+    recon = _as_volumes([reconstruction])[0]
+    cfs = _as_volumes(counterfactuals)
+    grey = {"reconstruction": [recon], **{label: [v] for label, v in zip(labels, cfs)}}
+    diffs = {f"{label}\nminus reconstruction": [v - recon] for label, v in zip(labels, cfs)}
+    bound = max(1e-3, max(float(np.abs(d[0]).max()) for d in diffs.values()))
+    w, h_grey = volume_rows_size(grey)
+    _, h_diff = volume_rows_size(diffs)
+    label_w = 2.4
+    title_h = 0.45 if title else 0.1
+    fw, fh = max(6.0, w + label_w + COLORBAR_WIDTH + 0.2), h_grey + h_diff + 1.2 + title_h
+    fig = new_figure(fw, fh, layout="none")
+    top = fh - title_h
+    draw_volume_rows(fig, grey, box=(0.0, top - h_grey - 0.45, fw - 0.1, h_grey + 0.45))
+    draw_volume_rows(
+        fig,
+        diffs,
+        -bound,
+        bound,
+        colorbar_label="difference (intensity)",
+        box=(0.0, 0.0, fw - 0.1, h_diff + 0.5),
+        cmap=matplotlib.colormaps["RdBu_r"].with_extremes(bad="white"),
+    )
+    if title:
+        fig.suptitle(
+            textwrap.fill(title, width=max(20, int(fw * 72 / (0.55 * 11)))), fontsize=11, y=1 - 0.12 / fh, va="top"
+        )
     return fig

@@ -35,7 +35,7 @@ from scripts.engine.sampling import check_sampling_options, draw_samples, load_w
 from scripts.engine.visualisation import draw_volume_rows, new_figure, save_figure
 from scripts.vdvae.latent_prior import with_latent_prior
 
-__all__ = ["MEASURED", "check_conditioning", "control_figures"]
+__all__ = ["MEASURED", "check_conditioning", "control_figures", "expected_features"]
 
 MEASURED = ("brain_volume_ml",)  # covariates with an image measurement
 
@@ -51,7 +51,7 @@ def control_figures(requested: np.ndarray, measured: np.ndarray, std: float) -> 
     }
 
 
-def _expected_features(train: torch.Tensor, index: int, feature: float) -> torch.Tensor:
+def expected_features(train: torch.Tensor, index: int, feature: float) -> torch.Tensor:
     """Every feature (K,) at ``feature`` for feature ``index``: the others from a least-squares line on it."""
     design = torch.stack([torch.ones(len(train)), train[:, index]], 1).double()
     coef = torch.linalg.lstsq(design, train.double()).solution  # (2, K)
@@ -102,7 +102,7 @@ def check_conditioning(
     scorer = AnatomyScore(net.resolution)
     rows, pictures = [], []
     for value in values:
-        features = _expected_features(train, index, (value - column["mean"]) / column["std"])
+        features = expected_features(train, index, (value - column["mean"]) / column["std"])
         generator = ConditionedGenerator(net, features, {covariate: float(value)})
         with torch.no_grad():
             samples = draw_samples(generator, float(temperature), seed, range(num_samples))

@@ -134,8 +134,8 @@ class PosthocPriorVDVAE(nn.Module):
         self.vae, self.latent_prior = vae, latent_prior
         self.resolution = vae.resolution
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae(x)
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae(x, covariates)
 
     def __getattr__(self, name: str):
         """Everything but ``sample`` is the VDVAE's (``elbo``, ``encode``, ``group_resolutions``, ...)."""

@@ -267,17 +267,28 @@ class _LatentBlock(nn.Module):
         sample: bool = True,
         temperature: float = 1.0,
         z_given: torch.Tensor | None = None,
+        standardised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (new h (B, C_out, d, h, w), KL of this group per volume (B,), float32, zeros when the posterior
         is not used, and the latent z (B, Z, d, h, w), float32). Without the posterior, ``z_given`` (when given)
-        replaces the prior draw. With ``activation_checkpointing`` in training, the block's activations are
-        recomputed in the backward pass (same noise: the RNG state is restored) instead of being stored."""
+        replaces the prior draw. ``standardised``: the returned and the given latent are in the prior's standard
+        coordinates, eps = (z - prior mean) / prior scale (the top group's prior is N(0, I): eps = z). With
+        ``activation_checkpointing`` in training, the block's activations are recomputed in the backward pass (same
+        noise: the RNG state is restored) instead of being stored."""
         if not torch.jit.is_scripting():  # TorchScript has no checkpoint; scripted modules are for inference
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 return checkpoint(
-                    self._forward, h, lateral, use_posterior, sample, temperature, z_given, use_reentrant=False
+                    self._forward,
+                    h,
+                    lateral,
+                    use_posterior,
+                    sample,
+                    temperature,
+                    z_given,
+                    standardised,
+                    use_reentrant=False,
                 )
-        return self._forward(h, lateral, use_posterior, sample, temperature, z_given)
+        return self._forward(h, lateral, use_posterior, sample, temperature, z_given, standardised)
 
     def _forward(
         self,
@@ -287,6 +298,7 @@ class _LatentBlock(nn.Module):
         sample: bool,
         temperature: float,
         z_given: torch.Tensor | None,
+        standardised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -319,6 +331,7 @@ class TopLatentBlock(_LatentBlock):
         sample: bool,
         temperature: float,
         z_given: torch.Tensor | None,
+        standardised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if use_posterior:
             feats = self.posterior(lateral)
@@ -380,6 +393,7 @@ class TopDownBlock(_LatentBlock):
         sample: bool,
         temperature: float,
         z_given: torch.Tensor | None,
+        standardised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prior = self.prior(h)
         mu_p, scale_p = self.prior_mean(prior), self._scale(self.prior_scale(prior))
@@ -390,12 +404,14 @@ class TopDownBlock(_LatentBlock):
             z = _draw(mu_q, scale_q, sample, 1.0, "latent")
         else:
             kl = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-            z = (
-                z_given.float()
-                if z_given is not None
-                else _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
-            )
-        return self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h), kl, z
+            if z_given is None:
+                z = _draw(mu_p, scale_p, sample, temperature, self.temperature_mode)
+            elif standardised:
+                z = torch.addcmul(mu_p.float(), scale_p.float(), z_given.float())
+            else:
+                z = z_given.float()
+        out = self.z_proj(z.to(h.dtype)) + self.prior_skip(prior) + self.skip(h)
+        return out, kl, ((z - mu_p.float()) / scale_p.float() if standardised else z)
 
 
 class Subsample(nn.Module):
@@ -751,10 +767,13 @@ class VDVAE(nn.Module):
         temperature: float = 1.0,
         given: list[torch.Tensor] | None = None,
         covariates: torch.Tensor | None = None,
+        standardised_groups: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Runs the top-down path. The first ``posterior_groups`` groups (top first) use the posterior and need
         ``laterals``; the rest use the prior, except that prior group g takes ``given[g]`` as its latent when
         g < len(given). ``covariates`` (B, K) condition a conditional model (see :meth:`_covariate_inputs`).
+        The first ``standardised_groups`` groups return and take their latents in the prior's standard coordinates
+        (z - prior mean) / prior scale (see :meth:`counterfactual`).
         Returns (mean, scale) of the output Gaussian (B, C, R, R, R), the per-volume KL of every group [(B,)] (zero
         for prior groups) and every group's latent [(B, Z, r, r, r)]."""
         ref = self.output_head.conv.weight
@@ -770,12 +789,14 @@ class VDVAE(nn.Module):
             if g > 0 and len(conditions) > 0:
                 h = h + conditions[g - 1].to(h.dtype)
             if laterals is not None and g < posterior_groups:
-                h, kl, z = block(h, laterals[self.group_levels[g]], True, sample_posterior, 1.0, None)
+                h, kl, z = block(
+                    h, laterals[self.group_levels[g]], True, sample_posterior, 1.0, None, g < standardised_groups
+                )
             else:
                 z_given: torch.Tensor | None = None
                 if given is not None and g < len(given):
                     z_given = given[g]
-                h, kl, z = block(h, h, False, sample_prior, temperature, z_given)
+                h, kl, z = block(h, h, False, sample_prior, temperature, z_given, g < standardised_groups)
             kls.append(kl)
             zs.append(z)
             h = res(h)
@@ -873,6 +894,48 @@ class VDVAE(nn.Module):
         return mean
 
     @torch.no_grad()
+    def counterfactual(
+        self,
+        x: torch.Tensor,
+        covariates: torch.Tensor,
+        new_covariates: torch.Tensor,
+        abduct_to_resolution: int | None = None,
+    ) -> torch.Tensor:
+        """Output mean (B, C, R, R, R) of ``x`` (B, C, R, R, R) with its covariates (B, K) changed to
+        ``new_covariates`` (B, K), by abduction, action and prediction on the latents:
+
+        1. abduction: the posterior means z_g of every group given ``x`` and its ``covariates``, expressed in the
+           prior's standard coordinates eps_g = (z_g - mu_g) / sigma_g for the groups at resolutions <=
+           ``abduct_to_resolution`` (None: every group);
+        2. action and prediction: the top-down pass at ``new_covariates``, where those groups take
+           z'_g = mu'_g + sigma'_g eps_g under their new priors, and the finer groups keep their posterior means z_g.
+
+        With ``new_covariates == covariates`` this is the reconstruction ``reconstruct(x, covariates=covariates)``.
+        Standard coordinates let the coarse latents follow the prior's shift with the covariates (a larger brain's
+        layout) while keeping where this volume sat within the prior; kept fine latents keep its texture exactly."""
+        self._check_input(x)
+        if self.num_covariates == 0:
+            raise ValueError("counterfactual needs a conditional VDVAE (num_covariates > 0)")
+        groups = self.num_latent_groups
+        if abduct_to_resolution is None:
+            standard = groups
+        else:
+            standard = sum(1 for r in self.group_resolutions() if r <= abduct_to_resolution)
+            if standard == 0:
+                raise ValueError(
+                    f"abduct_to_resolution {abduct_to_resolution} is below every latent resolution "
+                    f"{sorted(set(self.group_resolutions()))}"
+                )
+        batch = x.shape[0]
+        _, _, _, latents = self.decode_latents(
+            self.encode(x), batch, groups, False, False, covariates=covariates, standardised_groups=standard
+        )
+        mean, _, _, _ = self.decode_latents(
+            None, batch, 0, False, False, given=latents, covariates=new_covariates, standardised_groups=standard
+        )
+        return mean
+
+    @torch.no_grad()
     def elbo(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Negative ELBO per volume: see :func:`scripts.vdvae.loss.negative_elbo_terms` for the units."""
         mean, scale, kl = self.forward_train(x, covariates)
@@ -886,9 +949,10 @@ class VDVAE(nn.Module):
     def reconstruction_note(self) -> str:
         return "posterior-mean reconstructions"
 
-    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per volume (B rows): ``neg_elbo_nats`` and ``neg_elbo_bits`` per voxel, ``kl_per_group`` (B, G) nats."""
-        terms = self.elbo(x)
+    def heldout_likelihood(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per volume (B rows): ``neg_elbo_nats`` and ``neg_elbo_bits`` per voxel, ``kl_per_group`` (B, G) nats
+        (``covariates`` (B, K): those of ``x``, for a conditional model)."""
+        terms = self.elbo(x, covariates)
         return {k: terms[k].float() for k in ("neg_elbo_nats", "neg_elbo_bits", "kl_per_group")}
 
     def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:

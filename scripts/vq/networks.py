@@ -217,6 +217,9 @@ class AutoregressivePrior(nn.Module):
         num_embeddings: codebook size K (token K is the begin-of-sequence token).
         ordering: "raster_scan", "s_curve" or "random" (MONAI OrderingType).
         dim, depth, heads: width, number of layers and attention heads of the transformer.
+        num_covariates: length K of the covariate features (:mod:`scripts.engine.covariates`) that condition the
+            prior; 0 (default) for an unconditional prior. The features (B, K) are embedded linearly as one context
+            token (B, 1, dim) that every position reads through the transformer's cross-attention.
     """
 
     def __init__(
@@ -227,8 +230,12 @@ class AutoregressivePrior(nn.Module):
         dim: int = 128,
         depth: int = 4,
         heads: int = 4,
+        num_covariates: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(num_covariates, int) or num_covariates < 0:
+            raise ValueError(f"num_covariates must be a non-negative integer, got {num_covariates!r}")
+        self.num_covariates = num_covariates
         self.token_grid = tuple(int(s) for s in token_grid)
         self.num_embeddings = int(num_embeddings)
         self.seq_len = math.prod(self.token_grid)
@@ -241,11 +248,13 @@ class AutoregressivePrior(nn.Module):
             attn_layers_dim=dim,
             attn_layers_depth=depth,
             attn_layers_heads=heads,
+            with_cross_attention=num_covariates > 0,
         )
+        self.covariate_embedding = nn.Linear(num_covariates, dim) if num_covariates > 0 else None
         # MONAI's blocks build a cross-attention LayerNorm even without cross-attention; it never gets a gradient,
         # which DistributedDataParallel refuses ("parameters did not receive gradient"), so it is frozen
         for name, param in self.transformer.named_parameters():
-            if "norm_cross_attn" in name:
+            if "norm_cross_attn" in name and num_covariates == 0:
                 param.requires_grad_(False)
         self.register_buffer(
             "order", torch.as_tensor(self.ordering.get_sequence_ordering(), dtype=torch.long), persistent=False
@@ -254,23 +263,43 @@ class AutoregressivePrior(nn.Module):
     def _sequence(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.reshape(tokens.shape[0], -1)[:, self.order]
 
-    def token_nll(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, *grid) -> exact negative log-likelihood per token position (B, L) in nats, in sequence order."""
+    def context(self, covariates: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """The cross-attention context (B, 1, dim) of covariate features (B, K); None for an unconditional prior.
+        A conditional prior without ``covariates`` uses all-zero features (the training mean of numeric ones)."""
+        if self.covariate_embedding is None:
+            if covariates is not None:
+                raise ValueError("this prior is unconditional (num_covariates 0) but covariates were given")
+            return None
+        weight = self.covariate_embedding.weight
+        if covariates is None:
+            covariates = torch.zeros(batch_size, self.num_covariates, device=weight.device)
+        if covariates.dim() != 2 or tuple(covariates.shape) != (batch_size, self.num_covariates):
+            raise ValueError(
+                f"covariates must be ({batch_size}, {self.num_covariates}) for a batch of {batch_size}, "
+                f"got {list(covariates.shape)}"
+            )
+        return self.covariate_embedding(covariates.to(weight)).unsqueeze(1)
+
+    def token_nll(self, tokens: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, *grid) -> exact negative log-likelihood per token position (B, L) in nats, in sequence order
+        (``covariates`` (B, K): those of the volumes, for a conditional prior)."""
         seq = self._sequence(tokens)
         inputs = F.pad(seq[:, :-1], (1, 0), value=self.num_embeddings)
-        logits = self.transformer(inputs).float()[..., : self.num_embeddings]
+        logits = self.transformer(inputs, self.context(covariates, len(seq))).float()[..., : self.num_embeddings]
         return F.cross_entropy(logits.transpose(1, 2), seq, reduction="none")
 
-    def loss(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, tokens: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training loss: mean NLL in bits per token; ``bits_per_token`` (B,) per grid."""
-        bits = self.token_nll(tokens).mean(1) / math.log(2)
+        bits = self.token_nll(tokens, covariates).mean(1) / math.log(2)
         return {"loss": bits.mean(), "bits_per_token": bits.detach()}
 
     forward = loss  # what a trainer (or DDP) calls
 
-    def nll_bits_per_token(self, tokens: torch.Tensor, num_estimates: int = 1) -> torch.Tensor:
+    def nll_bits_per_token(
+        self, tokens: torch.Tensor, num_estimates: int = 1, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Exact held-out NLL (B,) in bits per token (``num_estimates`` is ignored: nothing is estimated)."""
-        return self.token_nll(tokens).mean(1) / math.log(2)
+        return self.token_nll(tokens, covariates).mean(1) / math.log(2)
 
     @torch.no_grad()
     def sample(
@@ -279,6 +308,7 @@ class AutoregressivePrior(nn.Module):
         temperature: float = 1.0,
         known: torch.Tensor | None = None,
         known_mask: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token grids (n, *grid), drawn one position at a time in the ordering from softmax(logits / temperature).
         With ``known`` (n, *grid) and ``known_mask`` (n, *grid) bool, masked positions keep the known tokens."""
@@ -286,8 +316,9 @@ class AutoregressivePrior(nn.Module):
         seq = torch.full((n, 1), self.num_embeddings, dtype=torch.long, device=device)
         known_seq = self._sequence(known.to(device)) if known is not None else None
         mask_seq = self._sequence(known_mask.to(device)) if known_mask is not None else None
+        context = self.context(covariates, n)
         for i in range(self.seq_len):
-            logits = self.transformer(seq).float()[:, -1, : self.num_embeddings] / temperature
+            logits = self.transformer(seq, context).float()[:, -1, : self.num_embeddings] / temperature
             nxt = torch.multinomial(F.softmax(logits, -1), 1)
             if known_seq is not None:
                 nxt = torch.where(mask_seq[:, i : i + 1], known_seq[:, i : i + 1], nxt)
@@ -381,9 +412,18 @@ class AbsorbingDiffusionPrior(nn.Module):
         self.seq_len = math.prod(self.token_grid)
         self.denoiser = AbsorbingTransformer(self.seq_len, num_embeddings, dim, depth, heads)
 
-    def loss(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _unconditional(covariates: torch.Tensor | None) -> None:
+        if covariates is not None:
+            raise ValueError(
+                "the absorbing-diffusion prior is unconditional: with covariates_csv train the autoregressive prior "
+                "(configs/vq_prior_autoregressive.json)"
+            )
+
+    def loss(self, tokens: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training terms of :func:`absorbing_diffusion_loss` for (B, *grid) tokens; ``bits_per_token`` is the
         ELBO estimate."""
+        self._unconditional(covariates)
         terms = absorbing_diffusion_loss(
             self.denoiser, tokens.reshape(tokens.shape[0], -1), self.num_timesteps, self.mask_id
         )
@@ -395,8 +435,11 @@ class AbsorbingDiffusionPrior(nn.Module):
 
     forward = loss  # what a trainer (or DDP) calls
 
-    def nll_bits_per_token(self, tokens: torch.Tensor, num_estimates: int = 4) -> torch.Tensor:
+    def nll_bits_per_token(
+        self, tokens: torch.Tensor, num_estimates: int = 4, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """ELBO (an upper bound on the NLL) in bits per token (B,), averaged over ``num_estimates`` draws of (t, mask)."""
+        self._unconditional(covariates)
         x0 = tokens.reshape(tokens.shape[0], -1)
         draws = [
             absorbing_diffusion_loss(self.denoiser, x0, self.num_timesteps, self.mask_id)["elbo_bits_per_token"]
@@ -411,10 +454,12 @@ class AbsorbingDiffusionPrior(nn.Module):
         temperature: float = 1.0,
         known: torch.Tensor | None = None,
         known_mask: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """n token grids (n, *grid). Starts fully masked (except ``known_mask`` positions, which keep ``known``);
         at step t = T..1 unmasks each still-masked position with probability 1/t (all remaining ones at t = 1),
         drawing its token from softmax(logits / temperature)."""
+        self._unconditional(covariates)
         device = self.denoiser.position_embedding.device
         x = torch.full((n, self.seq_len), self.mask_id, dtype=torch.long, device=device)
         unmasked = torch.zeros(n, self.seq_len, dtype=torch.bool, device=device)
@@ -457,13 +502,15 @@ class VQGenerator(nn.Module):
         self.likelihood_estimates = int(likelihood_estimates)
         self.resolution = vqvae.resolution
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction through the codebook: (B, C, *R) -> (B, C, *R)."""
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction through the codebook: (B, C, *R) -> (B, C, *R) (the VQ-VAE is unconditional: a conditional
+        prior's ``covariates`` do not change it)."""
         return self.vqvae.decode_tokens(self.vqvae.tokens(x))
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
-        """n generated volumes (n, C, *R). The autoregressive prior samples through MONAI's VQVAETransformerInferer."""
+    def sample(self, n: int, temperature: float = 1.0, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """n generated volumes (n, C, *R), a conditional prior's at ``covariates`` (n, K) (None: all-zero features).
+        The autoregressive prior samples through MONAI's VQVAETransformerInferer."""
         if isinstance(self.prior, AutoregressivePrior):
             bos = torch.full((n, 1), self.vqvae.num_embeddings, dtype=torch.long, device=self.prior.order.device)
             return VQVAETransformerInferer().sample(
@@ -472,10 +519,11 @@ class VQGenerator(nn.Module):
                 self.vqvae,
                 self.prior.transformer,
                 self.prior.ordering,
+                conditioning=self.prior.context(covariates, n),
                 temperature=temperature,
                 verbose=False,
             )
-        return self.vqvae.decode_tokens(self.prior.sample(n, temperature))
+        return self.vqvae.decode_tokens(self.prior.sample(n, temperature, covariates=covariates))
 
     @torch.no_grad()
     def complete(
@@ -488,13 +536,13 @@ class VQGenerator(nn.Module):
         return self.vqvae.decode_tokens(tokens), tokens
 
     @torch.no_grad()
-    def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def heldout_likelihood(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Held-out likelihood of the tokens of ``x``: ``bits_per_token`` (B,), exact for the autoregressive prior, an
         ELBO (upper bound) for the absorbing prior. It scores the token grid only, not the voxels (the VQ-VAE
         decoder is deterministic), so it is not comparable with the VDVAE's bits per voxel."""
-        return {
-            "bits_per_token": self.prior.nll_bits_per_token(self.vqvae.tokens(x), self.likelihood_estimates).float()
-        }
+        tokens = self.vqvae.tokens(x)
+        bits = self.prior.nll_bits_per_token(tokens, self.likelihood_estimates, covariates=covariates)
+        return {"bits_per_token": bits.float()}
 
     # the rest of the interface of scripts.engine.generator.Generator
 

@@ -49,9 +49,11 @@ def write_token_grids(vqvae: VQVAE, loaders: dict, path: str, device: torch.devi
     return path
 
 
-def load_token_grids(path: str, split: str) -> list[dict]:
+def load_token_grids(path: str, split: str, covariate_features: dict | None = None) -> list[dict]:
     """The ``split`` token grids of a :func:`write_token_grids` file as a list of {"tokens": (*grid) long} items;
-    a clear error when the file is missing (run stage 1 first)."""
+    a clear error when the file is missing (run stage 1 first). With ``covariate_features`` ({volume file: (K,)},
+    the ``covariate_features`` of :class:`scripts.engine.data.DataSplit`; empty or None: none) each item also carries its
+    volume's ``covariates``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"token file {path} does not exist: train stage 1 first (python -m monai.bundle run --config_file "
@@ -62,7 +64,18 @@ def load_token_grids(path: str, split: str) -> list[dict]:
     data = torch.load(path, map_location="cpu", weights_only=False)
     if split not in data:
         raise KeyError(f"{path} holds no {split!r} token grids (has {[k for k in data if isinstance(data[k], dict)]})")
-    return [{"tokens": t.long()} for t in data[split]["tokens"]]
+    items = [{"tokens": t.long()} for t in data[split]["tokens"]]
+    if covariate_features:
+        files = data[split]["files"]
+        missing = [f for f in files if f not in covariate_features]
+        if missing:
+            raise ValueError(
+                f"{path}: {len(missing)} {split} token grids come from volumes without covariates, e.g. {missing[:2]}: "
+                "write the tokens again (python -m monai.bundle run tokenize --config_file configs/vqvae_train.json) "
+                "with the same data split as the covariates"
+            )
+        items = [{**item, "covariates": covariate_features[f]} for item, f in zip(items, files)]
+    return items
 
 
 # ---------------------------------------------------------------------------------------------------- inference

@@ -156,9 +156,17 @@ def psnr_metric() -> IgniteMetricHandler:
     )
 
 
+def _covariates(batchdata: dict, engine) -> dict[str, torch.Tensor]:
+    """{"covariates": (B, K)} on the engine's device when the token grids carry covariates, else {}."""
+    if "covariates" not in batchdata:
+        return {}
+    return {"covariates": batchdata["covariates"].to(engine.state.device, non_blocking=engine.non_blocking).float()}
+
+
 class PriorTrainer(AmpTrainer):
     """Stage 2: ``network`` is a prior (:class:`scripts.vq.networks.AutoregressivePrior` or :class:`scripts.vq.networks.AbsorbingDiffusionPrior`,
-    possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) to its loss terms.
+    possibly in DDP) whose forward maps token grids ``batch["tokens"]`` (B, *grid) (and their ``covariates`` (B, K),
+    for a conditional prior) to its loss terms.
 
     ``state.output``: ``bits_per_token`` (B,; exact NLL or the ELBO estimate), ``loss`` and ``scalars``.
     """
@@ -168,7 +176,7 @@ class PriorTrainer(AmpTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with autocast(engine.state.device, engine.amp_mode):
-            terms = engine.network(tokens)
+            terms = engine.network(tokens, **_covariates(batchdata, engine))
         grad_norm = _step(engine, terms["loss"])
         scalars = {
             "loss": float(terms["loss"].detach()),
@@ -208,6 +216,6 @@ class PriorEvaluator(AmpEvaluator):
         prior = getattr(engine.network, "module", engine.network)
         prior.eval()
         with torch.no_grad(), autocast(engine.state.device, engine.amp_mode):
-            bits = prior.nll_bits_per_token(tokens, engine.num_estimates).float()
+            bits = prior.nll_bits_per_token(tokens, engine.num_estimates, **_covariates(batchdata, engine)).float()
         engine.state.output = {"bits_per_token": bits}
         return engine.state.output
