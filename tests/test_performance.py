@@ -1,5 +1,6 @@
 """The optimised training path (bfloat16 autocast, channels-last-3d) computes the same loss as float32."""
 
+import json
 import sys
 
 import pytest
@@ -98,3 +99,30 @@ def test_allocator_keeps_freed_blocks_for_speed_and_returns_them_for_memory():
     assert applied and kept < 50, kept
     _, kept = _rss_kept_after_free("default")
     assert kept < 50, kept
+
+
+def test_gpu_check_runs_every_section_at_tiny_size_on_cpu(tmp_path):
+    """The GPU check's code paths at a tiny size on CPU: bfloat16 agrees with float32 on one step, float16 and the
+    128^3 memory are marked CUDA-only, throughput and sampling are measured, a one-process torchrun (Gloo) trains,
+    and the report is written."""
+    from scripts.tools.gpu_check import gpu_check
+
+    out = str(tmp_path / "gpu.md")
+    report = gpu_check(device="cpu", tiny=True, output=out)
+    fp32, bf16, fp16 = report["precision"]
+    assert fp32["precision"] == "float32" and fp16["note"] == "CUDA only"
+    assert bf16["loss_rel_diff"] < 0.05 and bf16["grad_norm_rel_diff_max"] < 0.25  # same step, lower precision
+    assert set(fp32["grad_norms"]) == set(bf16["grad_norms"]) and all(v > 0 for v in fp32["grad_norms"].values())
+    assert [r["layout"] for r in report["training"]] == [
+        "contiguous",
+        "channels_last_3d",
+        "channels_last_3d + cudnn.benchmark",
+    ]
+    assert all(r["volumes_per_s"] > 0 for r in report["training"])
+    assert all(r["note"] == "CUDA only" for r in report["memory_128"])
+    assert report["sampling"][0]["seconds_per_volume"] > 0
+    run = report["torchrun"]
+    assert run["returncode"] == 0 and run["backend"] == "gloo" and run["weights_written"], run["log_tail"]
+    text = open(out).read()
+    assert "## torchrun, one process" in text and "finished" in text
+    assert json.load(open(str(tmp_path / "gpu.json")))["tiny"] is True

@@ -178,7 +178,12 @@ def _input_files(input_dir: str | None) -> list[str]:
     if not files:
         raise FileNotFoundError(f"input_dir {input_dir!r} holds no .nii or .nii.gz files")
     for f in files:
-        check_nifti_header(f)
+        try:
+            check_nifti_header(f)
+        except ValueError as e:
+            if "modalities per file" in str(e):
+                raise ValueError(f"{f}: anomaly maps read single-channel volumes only, for now ({e})") from e
+            raise
     return files
 
 

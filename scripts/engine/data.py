@@ -71,7 +71,8 @@ def check_nifti_header(path: str, channels: int = 1) -> tuple[int, ...]:
             if channels == 1
             else f"a 4-D file of {channels} 3-D volumes (in_channels = {channels})"
         )
-        raise ValueError(f"{path}: expected {what}, got shape {shape}")
+        hint = f"; for {extra[0]} modalities per file set in_channels = {extra[0]}" if len(extra) == 1 else ""
+        raise ValueError(f"{path}: expected {what}, got shape {shape}{hint}")
     return spatial
 
 
@@ -130,6 +131,7 @@ class DataSplit:
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
         self.dataset_dir = str(dataset_dir)
+        self.channels = int(channels)
         if default_dataset_dir is not None and os.path.abspath(dataset_dir) == os.path.abspath(default_dataset_dir):
             ensure_default_dataset(self.dataset_dir, **(default_dataset_kwargs or {}))
         files = all_files = find_niftis(self.dataset_dir)
@@ -210,20 +212,25 @@ class DataSplit:
     def describe_preprocessing(self, preprocessing: Callable, num_files: int = 16) -> dict:
         """Records the output grid (affine of ``preprocessing(first training file)``) and the training set's
         intensity statistics: the medians over up to ``num_files`` volumes of the raw intensities at the
-        clamp percentiles, which map to -1 and 1."""
+        clamp percentiles, which map to -1 and 1 (one number, or a list of one per channel for files of several
+        channels)."""
         if not self.preprocessing_info:
             first = preprocessing({"image": self.train_files[0]})["image"]
             lows, highs = [], []
             for f in self.train_files[:num_files]:
                 data = np.asarray(nib.load(f).dataobj, dtype=np.float32)
-                lo, hi = np.percentile(data, [0.05, 99.95])
-                lows.append(float(lo))
-                highs.append(float(hi))
+                if self.channels > 1:  # (X, Y, Z, C): a window per channel
+                    lo, hi = np.percentile(data.reshape(-1, data.shape[-1]), [0.05, 99.95], axis=0)
+                else:
+                    lo, hi = np.percentile(data, [0.05, 99.95])
+                lows.append(lo)
+                highs.append(hi)
+            low, high = np.median(lows, axis=0), np.median(highs, axis=0)
             self.preprocessing_info = {
                 "affine": np.asarray(first.affine, dtype=np.float64).tolist(),
                 "spatial_shape": list(first.shape[1:]),
-                "intensity_low": float(np.median(lows)),
-                "intensity_high": float(np.median(highs)),
+                "intensity_low": low.tolist() if self.channels > 1 else float(low),
+                "intensity_high": high.tolist() if self.channels > 1 else float(high),
             }
             if self.covariate_encoder is not None:  # saved beside the weights: sampling needs no CSV
                 self.preprocessing_info["covariates"] = {

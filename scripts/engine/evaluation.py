@@ -44,6 +44,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
@@ -206,10 +207,12 @@ def resolve_volumes(folder: str | None, run_dir: str, split: str, option: str) -
 
 def check_shapes_match(heldout_files: Sequence[str], train_files: Sequence[str]) -> list[list[int]]:
     """Raises ValueError naming the first held-out file whose voxel grid differs from every training volume's
-    (its metrics would measure the resampling, not the model). Returns the training shapes."""
-    train_shapes = sorted({tuple(check_nifti_header(f)) for f in train_files})
+    (its metrics would measure the resampling, not the model), or whose number of channels (modalities) differs
+    from the first training volume's. Returns the training shapes."""
+    channels = int(np.prod([s for s in nib.load(train_files[0]).shape[3:] if s != 1])) if train_files else 1
+    train_shapes = sorted({tuple(check_nifti_header(f, channels)) for f in train_files})
     for f in heldout_files:
-        shape = tuple(check_nifti_header(f))
+        shape = tuple(check_nifti_header(f, channels))
         if shape not in train_shapes:
             expected = " or ".join(str(s) for s in train_shapes)
             raise ValueError(
@@ -231,7 +234,7 @@ class _FeatureSpace:
         self.loader, self.device, self.chunk_size = train_loader, device, chunk_size
         self.net = RandomFeatureNet().to(device)
         with torch.no_grad():
-            feats = torch.cat([self.net(_image(b).to(device)).cpu() for b in train_loader])
+            feats = torch.cat([self.features(_image(b).to(device)) for b in train_loader])
         self.mu, self.sd = feats.mean(0), feats.std(0, unbiased=False).clamp_min(1e-6)
         self.train_z = self.standardise(feats)
         self.rff = RandomFourierFeatures(self.train_z.shape[1], sigma=_median_distance(self.train_z))
@@ -240,7 +243,8 @@ class _FeatureSpace:
         return (feats - self.mu) / self.sd
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).cpu()
+        """(B, C, R, R, R) -> (B, C * 224): the random features of each channel (modality), side by side."""
+        return torch.cat([self.net(x[:, c : c + 1]) for c in range(x.shape[1])], dim=1).cpu()
 
     def nearest(self) -> NearestTrainingVolume:
         return NearestTrainingVolume(self.loader, self.device, self.chunk_size)
@@ -296,7 +300,8 @@ def evaluate(
 
     Args:
         network: a trained :class:`scripts.engine.generator.Generator` (the VDVAE, with or without its post-hoc
-            prior, or a :class:`scripts.vq.networks.VQGenerator`) of single-channel 3-D volumes.
+            prior, or a :class:`scripts.vq.networks.VQGenerator`) of 3-D volumes; with C channels (modalities) the
+            random features of each channel side by side, the anatomy score of the first.
         heldout_files: NIfTI volumes never trained on (at least 2).
         train_files: the training volumes (reference set of the Frechet distance and MMD, and of the
             nearest-neighbour search).
@@ -448,9 +453,10 @@ def _heldout_pass(
     with torch.no_grad():
         for batch in loader:
             x = _image(batch).to(device).float()
-            if tuple(x.shape[1:]) != (1,) + (resolution,) * 3:
+            if tuple(x.shape[2:]) != (resolution,) * 3:
                 raise ValueError(
-                    f"evaluation needs single-channel 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])}"
+                    f"evaluation needs 3-D volumes of {resolution}^3; the preprocessing gives {tuple(x.shape[1:])} "
+                    "(channels first)"
                 )
             cond = {"covariates": batch["covariates"].to(device).float()} if "covariates" in batch else {}
             with autocast(device, amp):
@@ -460,10 +466,10 @@ def _heldout_pass(
             psnr(to_unit(recon), to_unit(x))
             ssim(to_unit(recon), to_unit(x))
             sigmas.append(blur_equivalent_sigma(x, recon))
-            scores["heldout"].append(anatomy(x).numpy())
-            scores["reconstructions"].append(anatomy(recon).numpy())
+            scores["heldout"].append(anatomy(x[:, :1]).numpy())  # the first modality: the template's contrast
+            scores["reconstructions"].append(anatomy(recon[:, :1]).numpy())
             for s in BLURS:
-                scores["blurred"][s].append(anatomy(gaussian_blur(x, s)).numpy())
+                scores["blurred"][s].append(anatomy(gaussian_blur(x[:, :1], s)).numpy())
             feats.append(space.features(x))
             _keep(diversity, x, diversity_samples)
             _keep(shown["held-out"], x, 4)
@@ -528,7 +534,7 @@ def _sample_pass(
                     )
             seconds += time.perf_counter() - tic
             feats.append(space.features(s))
-            scores.append(anatomy(s).numpy())
+            scores.append(anatomy(s[:, :1]).numpy())
             _keep(diversity, s, diversity_samples)
             _keep(first, s, 4)
             nearest.add(s)

@@ -160,10 +160,17 @@ def save_nifti(volume: np.ndarray, affine: np.ndarray, path: str) -> str:
     return path
 
 
-def nifti_array(item: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
-    """A network output (C, *spatial) on [-1, 1] as the array of a NIfTI file, intensities mapped to [low, high]:
-    (*spatial) for one channel, (D, H, W, C) for several 3-D channels, (H, W, 1, C) for several 2-D channels."""
-    data = low + (np.asarray(item, dtype=np.float32) + 1.0) / 2.0 * (high - low)
+def nifti_array(
+    item: np.ndarray, low: float | Sequence[float] = -1.0, high: float | Sequence[float] = 1.0
+) -> np.ndarray:
+    """A network output (C, *spatial) on [-1, 1] as the array of a NIfTI file, intensities mapped to [low, high]
+    (numbers, or one per channel): (*spatial) for one channel, (D, H, W, C) for several 3-D channels, (H, W, 1, C)
+    for several 2-D channels."""
+    item = np.asarray(item, dtype=np.float32)
+    window = [1] * (item.ndim - 1)
+    low = np.asarray(low, dtype=np.float32).reshape(-1, *window)
+    high = np.asarray(high, dtype=np.float32).reshape(-1, *window)
+    data = low + (item + 1.0) / 2.0 * (high - low)
     if data.shape[0] == 1:
         return data[0]
     data = np.moveaxis(data, 0, -1)
@@ -261,8 +268,8 @@ class SampleWriter:
         self.labels = list(condition_labels)
         info = read_sidecar(model_path)
         self.affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
-        self.low = float(info.get("intensity_low", -1.0))
-        self.high = float(info.get("intensity_high", 1.0))
+        self.low = info.get("intensity_low", -1.0)  # a number, or one per channel
+        self.high = info.get("intensity_high", 1.0)
         self._shown: dict[str, list[np.ndarray]] = {}  # row label -> the sample
         self.written: list[str] = []
 
@@ -294,11 +301,11 @@ class SampleWriter:
 
 
 class ProgressiveReconstructor(Inferer):
-    """Inferer: (B, 1, R, R, R) inputs -> (B, 1 + K + L, R, R, R). Channel 0 is the reconstruction from the
-    posterior means of every latent group (``network.reconstruct(x)``); channel k <= K is the "progressive"
-    reconstruction ``network.reconstruct(x, resolutions[k - 1])``: posterior means for the groups at
+    """Inferer: (B, C, R, R, R) inputs -> (B, (1 + K + L) C, R, R, R), C channels per output. Output 0 is the
+    reconstruction from the posterior means of every latent group (``network.reconstruct(x)``); output k <= K is the
+    "progressive" reconstruction ``network.reconstruct(x, resolutions[k - 1])``: posterior means for the groups at
     resolutions <= that one, prior means below, so coarse settings keep only the input's coarse layout. For a
-    conditional model (``covariates`` (B, F) given) channel K + l is the counterfactual of ``counterfactuals[l - 1]``
+    conditional model (``covariates`` (B, F) given) output K + l is the counterfactual of ``counterfactuals[l - 1]``
     (:meth:`scripts.vdvae.network.VDVAE.counterfactual`).
 
     Args:
@@ -389,35 +396,42 @@ class ReconstructionWriter:
 
     def _write(self, engine: Engine) -> None:
         image = engine.state.batch["image"]
-        pred = engine.state.output["pred"].detach().float().cpu().numpy()  # (B, 1 + K + L, R, R, R)
+        inputs = torch.as_tensor(image).float().cpu().numpy()  # (B, C, R, R, R)
+        channels = inputs.shape[1]
+        pred = engine.state.output["pred"].detach().float().cpu().numpy()  # (B, (1 + K + L) * C, R, R, R)
+        pred = pred.reshape(pred.shape[0], -1, channels, *pred.shape[2:])  # (B, 1 + K + L, C, R, R, R)
         names = image.meta["filename_or_obj"]
         affines = image.affine.reshape(-1, 4, 4).cpu().numpy()
-        inputs = torch.as_tensor(image).float().cpu().numpy()
+        first = 1 + len(self.levels)
         for b, src in enumerate(names):
             stem = os.path.basename(str(src))
             stem = stem[: -len(".nii.gz")] if stem.endswith(".nii.gz") else os.path.splitext(stem)[0]
-            low, high = np.percentile(np.asarray(nib.load(str(src)).dataobj, dtype=np.float32), self.percentiles)
-            to_raw = lambda v: low + (v + 1.0) / 2.0 * (high - low)  # noqa: E731
+            raw = np.asarray(nib.load(str(src)).dataobj, dtype=np.float32)
+            raw = raw.reshape(-1, channels) if channels > 1 else raw.reshape(-1, 1)  # (voxels, C): a window each
+            low, high = np.percentile(raw, self.percentiles, axis=0)
+            to_raw = lambda v: nifti_array(v, low, high)  # noqa: E731  (C, R, R, R) -> the file's array
             out = os.path.join(self.output_dir, stem)
-            save_nifti(to_raw(inputs[b, 0]), affines[b], f"{out}_input.nii.gz")
-            save_nifti(to_raw(pred[b, 0]), affines[b], f"{out}_recon.nii.gz")
+            recon = pred[b, 0]
+            save_nifti(to_raw(inputs[b]), affines[b], f"{out}_input.nii.gz")
+            save_nifti(to_raw(recon), affines[b], f"{out}_recon.nii.gz")
             for k, r in enumerate(self.levels):
                 save_nifti(to_raw(pred[b, k + 1]), affines[b], f"{out}_recon_to_r{r}.nii.gz")
+            columns = [f"channel {c}" for c in range(channels)] if channels > 1 else None
             if self.write_png:
                 rows = {
-                    "input": [inputs[b, 0]],
-                    **{f"posterior down to {r}^3": [pred[b, k + 1]] for k, r in enumerate(self.levels)},
-                    "full reconstruction": [pred[b, 0]],
+                    "input": list(inputs[b]),
+                    **{f"posterior down to {r}^3": list(pred[b, k + 1]) for k, r in enumerate(self.levels)},
+                    "full reconstruction": list(recon),
                 }
-                plot_volume_rows(rows, f"{out}.png", title=f"{stem}: progressive reconstructions, coarse to fine")
-            first = 1 + len(self.levels)
+                title = f"{stem}: progressive reconstructions, coarse to fine"
+                plot_volume_rows(rows, f"{out}.png", title=title, column_titles=columns)
             cfs = [pred[b, first + i] for i in range(len(self.counterfactual_labels))]
             for label, cf in zip(self.counterfactual_labels, cfs):
                 save_nifti(to_raw(cf), affines[b], f"{out}_cf_{label}.nii.gz")
-                save_nifti(to_raw(cf) - to_raw(pred[b, 0]), affines[b], f"{out}_cf_{label}_diff.nii.gz")
-            if cfs and self.write_png:
+                save_nifti(to_raw(cf) - to_raw(recon), affines[b], f"{out}_cf_{label}_diff.nii.gz")
+            if cfs and self.write_png:  # the first channel
                 figure = counterfactual_figure(
-                    pred[b, 0], cfs, self.counterfactual_labels, title=f"{stem}: counterfactuals"
+                    recon[0], [cf[0] for cf in cfs], self.counterfactual_labels, title=f"{stem}: counterfactuals"
                 )
                 save_figure(figure, f"{out}_counterfactual.png")
             self.written.append(f"{out}_recon.nii.gz")

@@ -228,8 +228,9 @@ def choose_sampler(
 ) -> dict:
     """Which sampler ``inference.json`` and ``evaluate.json`` use by default (``use_latent_prior`` "auto"): the one
     whose ``num_samples`` samples at ``temperature`` (the stream ``seed`` of :func:`draw_samples`, what
-    inference.json draws) have the higher mean anatomy score (:mod:`scripts.engine.anatomy`), the post-hoc prior on a
-    tie. Returns {"sampler", "anatomy_score": {"posthoc", "learned"}, "num_samples", "seed", "temperature"}."""
+    inference.json draws) have the higher mean anatomy score (:mod:`scripts.engine.anatomy`; of the first channel
+    for volumes of several modalities), the post-hoc prior on a tie. Returns {"sampler", "anatomy_score":
+    {"posthoc", "learned"}, "num_samples", "seed", "temperature"}."""
     found = {"num_samples": num_samples, "seed": seed, "temperature": float(temperature)}
     if vae.resolution < 8:  # too small for the anatomy score: keep the post-hoc prior
         return {"sampler": "posthoc", "anatomy_score": None, **found, "num_samples": 0}
@@ -237,7 +238,7 @@ def choose_sampler(
     scores = {}
     for name, generator in (("posthoc", PosthocPriorVDVAE(vae, prior)), ("learned", vae)):
         samples = draw_samples(generator, temperature, seed, range(num_samples))
-        scores[name] = float(score.score_all(samples).mean())
+        scores[name] = float(score.score_all(samples[:, :1]).mean())
     sampler = "learned" if scores["learned"] > scores["posthoc"] else "posthoc"
     return {"sampler": sampler, "anatomy_score": scores, **found}
 

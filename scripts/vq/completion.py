@@ -63,7 +63,7 @@ def complete_volumes(
         raise ValueError("complete_dir holds no volumes to complete")
     info = read_sidecar(model_path) if model_path else {}
     affine = np.asarray(info.get("affine", np.eye(4)), dtype=np.float64)
-    low, high = float(info.get("intensity_low", -1.0)), float(info.get("intensity_high", 1.0))
+    low, high = info.get("intensity_low", -1.0), info.get("intensity_high", 1.0)  # numbers, or one per channel
     generator = generator.to(device).eval()
     os.makedirs(output_dir, exist_ok=True)
     loader = DataLoader(Dataset([{"image": f} for f in files], preprocessing), batch_size=batch_size, shuffle=False)
