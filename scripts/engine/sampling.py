@@ -258,7 +258,8 @@ class SampleWriter:
     """Writes each sample as ``output_dir/sample_t<T>_<index>.nii.gz`` (``sample_t<T>_<condition label>_<index>``
     with several conditions, ``condition_labels``) on the training grid (affine from the sidecar JSON of the
     weights), intensities mapped from [-1, 1] back to the training set's window, and at the end
-    ``output_dir/samples.png`` (3-plane rows of the first ``montage_size`` samples, shared among the conditions)."""
+    ``output_dir/samples.png`` (3-plane rows of the first ``montage_size`` samples, shared among the conditions, one
+    column per channel)."""
 
     def __init__(
         self, output_dir: str, model_path: str, montage_size: int = 8, condition_labels: Sequence[str] = ()
@@ -288,12 +289,16 @@ class SampleWriter:
             path = os.path.join(self.output_dir, f"sample_t{t:g}{label}_{idx:05d}.nii.gz")
             save_nifti(nifti_array(vol, self.low, self.high), self.affine, path)
             self.written.append(path)
-            if len(self._shown) < self.montage_size and idx < per_condition:
-                self._shown[f"sample {idx}, T={t:g}" + (f"\n{self.labels[c]}" if self.labels else "")] = [vol]
+            if len(self._shown) < self.montage_size and idx < per_condition:  # one column per channel (modality)
+                label = f"sample {idx}, T={t:g}" + (f"\n{self.labels[c]}" if self.labels else "")
+                self._shown[label] = list(vol) if vol.ndim == 4 else [vol]  # (C, D, H, W): 3-D channels
 
     def _montage(self, engine: Engine) -> None:
         if self._shown:
-            plot_volume_rows(self._shown, os.path.join(self.output_dir, "samples.png"), title="samples")
+            channels = len(next(iter(self._shown.values())))
+            columns = [f"channel {c}" for c in range(channels)] if channels > 1 else None
+            path = os.path.join(self.output_dir, "samples.png")
+            plot_volume_rows(self._shown, path, title="samples", column_titles=columns)
         logger.info(f"wrote {len(self.written)} samples to {self.output_dir}")
 
 
