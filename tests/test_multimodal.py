@@ -74,18 +74,24 @@ def test_two_modalities_train_sample_and_reconstruct(two_modalities, tmp_path):
     report = json.load(open(tmp_path / "eval" / "report.json"))
     assert report["samples"]["1"]["frechet_distance_to_train"] >= 0
     assert os.path.getsize(tmp_path / "eval" / "report.png") > 0
-    # anomaly maps stop with a clear error for several modalities
-    proc = run_bundle(
-        {
-            "ckpt_path": os.path.join(out, "model.pt"),
-            "input_dir": two_modalities,
-            "output_dir": str(tmp_path / "a"),
-            **arch,
-        },
-        "['configs/inference.json','configs/anomaly.json']",
-        check=False,
-    )
-    assert proc.returncode != 0 and "single-channel volumes only" in proc.stdout + proc.stderr
+    # anomaly maps: one map per subject, the healed volume with every modality in its own window
+    maps = tmp_path / "anomaly"
+    for method in ("reconstruction", "likelihood"):
+        run_bundle(
+            {
+                "ckpt_path": os.path.join(out, "model.pt"),
+                "input_dir": two_modalities,
+                "output_dir": str(maps / method),
+                "method": method,
+                "down_to_resolution": 8,
+                **arch,
+            },
+            "['configs/inference.json','configs/anomaly.json']",
+        )
+        amap = nib.load(str(maps / method / "subject_00_anomaly.nii.gz")).get_fdata()
+        healed = nib.load(str(maps / method / "subject_00_healed.nii.gz")).get_fdata()
+        assert amap.shape == (16, 16, 16) and healed.shape == (16, 16, 16, 2) and np.isfinite(amap).all()
+        assert healed[..., 1].max() > 100 * healed[..., 0].max()  # the rim modality back on its own scale
     # a file with another number of modalities stops by name
     proc = run_bundle(tiny_overrides(two_modalities, str(tmp_path / "bad"), max_epochs=1), check=False)
     assert proc.returncode != 0 and "subject_0" in proc.stderr and "set in_channels = 2" in proc.stderr

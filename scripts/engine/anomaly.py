@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.engine.data import NIFTI_SUFFIXES, check_nifti_header
-from scripts.engine.sampling import read_sidecar, save_nifti
+from scripts.engine.sampling import nifti_array, read_sidecar, save_nifti
 from scripts.engine.training import autocast
 from scripts.engine.visualisation import anomaly_overlay_figure, save_figure
 
@@ -164,7 +164,7 @@ def _stem(path: str) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
 
 
-def _input_files(input_dir: str | None) -> list[str]:
+def _input_files(input_dir: str | None, channels: int = 1) -> list[str]:
     """The NIfTI files of ``input_dir``, each header checked; errors name the folder or the file."""
     if not input_dir:
         raise ValueError("input_dir is not set: pass --input_dir <folder of .nii/.nii.gz volumes>")
@@ -178,18 +178,14 @@ def _input_files(input_dir: str | None) -> list[str]:
     if not files:
         raise FileNotFoundError(f"input_dir {input_dir!r} holds no .nii or .nii.gz files")
     for f in files:
-        try:
-            check_nifti_header(f)
-        except ValueError as e:
-            if "modalities per file" in str(e):
-                raise ValueError(f"{f}: anomaly maps read single-channel volumes only, for now ({e})") from e
-            raise
+        check_nifti_header(f, channels)
     return files
 
 
 def _load(path: str, preprocessing: Callable, percentiles: Sequence[float]) -> tuple:
-    """Preprocesses one file. Returns (x (1, R, R, R), its grid's affine (4, 4), the file's own affine (4, 4) and
-    3-D shape, its intensity window (the raw values at ``percentiles``, which preprocessing maps to -1 and 1))."""
+    """Preprocesses one file. Returns (x (C, R, R, R), its grid's affine (4, 4), the file's own affine (4, 4) and
+    3-D shape, its intensity window per channel (the raw values at ``percentiles``, which preprocessing maps to -1
+    and 1): (low (C,), high (C,)))."""
     try:
         img = nib.load(path)
         raw = np.asarray(img.dataobj, dtype=np.float32)
@@ -198,14 +194,15 @@ def _load(path: str, preprocessing: Callable, percentiles: Sequence[float]) -> t
         raise
     except Exception as e:  # truncated or corrupt data behind a valid header
         raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    low, high = np.percentile(raw, percentiles)
+    channels = int(x.shape[0])
+    low, high = np.percentile(raw.reshape(-1, channels) if channels > 1 else raw.reshape(-1, 1), percentiles, axis=0)
     grid_affine, affine = np.asarray(x.affine, dtype=np.float64), np.asarray(img.affine, dtype=np.float64)
     return (
         torch.as_tensor(x).float(),
         grid_affine,
         affine,
         tuple(int(s) for s in img.shape[:3]),
-        (float(low), float(high)),
+        (low, high),
     )
 
 
@@ -227,6 +224,7 @@ def write_anomaly_maps(
     score_top_fraction: float = 0.01,
     map_smoothing: int = 1,
     write_png: bool = True,
+    channels: int = 1,
 ) -> list[dict]:
     """Anomaly maps of ``detector`` (:class:`AnomalyDetector`) for every NIfTI in ``input_dir``; the workflow of
     ``configs/anomaly.json`` and ``vq_anomaly.json``.
@@ -240,14 +238,15 @@ def write_anomaly_maps(
 
     * ``<name>_anomaly.nii.gz``: the voxel map (units: see ``scores.json``; 0 outside the model's field of view),
       after a ``map_smoothing``^3 mean filter on the model's grid (:func:`smooth_maps`);
-    * ``<name>_healed.nii.gz``: the healed volume, intensities in the input's own window (``clamp_percentiles``);
+    * ``<name>_healed.nii.gz``: the healed volume, intensities in the input's own window (``clamp_percentiles``; with
+      ``channels`` > 1 modalities per file, one window each and a 4-D file);
     * ``<name>.png``: input, healed volume and the map over the input, three planes through the map's maximum;
     * ``scores.csv`` and ``scores.json``: per volume the ``score`` (mean of the highest ``score_top_fraction`` of the
       map's voxels on the model's grid), the mean and maximum of the map, and whether the volume was resampled.
 
     Batch b is seeded with ``seed + b``. Returns the per-volume rows.
     """
-    files = _input_files(input_dir)
+    files = _input_files(input_dir, channels)
     info = read_sidecar(model_path) if model_path else {}
     train_affine = np.asarray(info["affine"], dtype=np.float64) if "affine" in info else None
     train_shape = [int(s) for s in info.get("spatial_shape", [])] or None
@@ -277,7 +276,7 @@ def write_anomaly_maps(
                     f"{train_affine[:3, 3].round(2).tolist()}): resampled onto the training grid through world coordinates "
                     f"({inside:.0%} of its foreground inside it)"
                 )
-                x = resample_to_grid(x[0], grid_affine, train_affine, train_shape, fill=-1.0)[None]
+                x = torch.stack([resample_to_grid(c, grid_affine, train_affine, train_shape, fill=-1.0) for c in x])
                 grid_affine, resampled = train_affine, True
             items.append(
                 {
@@ -300,9 +299,11 @@ def write_anomaly_maps(
             name = os.path.join(output_dir, _stem(it["path"]))
             low, high = it["window"]
             amap = resample_to_grid(maps[i, 0], it["grid_affine"], it["affine"], it["shape"], fill=0.0)
-            heal = resample_to_grid(healed[i, 0], it["grid_affine"], it["affine"], it["shape"], fill=-1.0)
+            heal = torch.stack(
+                [resample_to_grid(c, it["grid_affine"], it["affine"], it["shape"], fill=-1.0) for c in healed[i]]
+            )
             save_nifti(amap.numpy(), it["affine"], f"{name}_anomaly.nii.gz")
-            save_nifti((low + (heal.numpy() + 1.0) / 2.0 * (high - low)), it["affine"], f"{name}_healed.nii.gz")
+            save_nifti(nifti_array(heal.numpy(), low, high), it["affine"], f"{name}_healed.nii.gz")
             if write_png:
                 overlay_png(
                     it["x"][0].numpy(), healed[i, 0].numpy(), maps[i, 0].numpy(), f"{name}.png", _stem(it["path"])

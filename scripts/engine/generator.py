@@ -15,14 +15,14 @@ __all__ = ["Generator", "require_generator"]
 
 @runtime_checkable
 class Generator(Protocol):
-    """A trained generator of single-channel volumes of ``resolution`` voxels per axis on the [-1, 1] scale. A
+    """A trained generator of volumes (C channels: modalities) of ``resolution`` voxels per axis on the [-1, 1] scale. A
     conditional one also takes ``covariates`` (B, K) as a keyword of ``__call__``, ``sample`` and
     ``heldout_likelihood``."""
 
     resolution: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of ``x`` (B, 1, R, R, R) -> (B, 1, R, R, R) (the module's ``forward``)."""
+        """Reconstruction of ``x`` (B, C, R, R, R) -> (B, C, R, R, R) (the module's ``forward``)."""
 
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """``n`` new volumes (n, 1, R, R, R) at sampling ``temperature``."""
@@ -31,7 +31,7 @@ class Generator(Protocol):
         """What the report says of the model: at least ``family``."""
 
     def heldout_likelihood(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-volume likelihood terms of held-out volumes ``x`` (B, 1, R, R, R): each value has B rows."""
+        """Per-volume likelihood terms of held-out volumes ``x`` (B, C, R, R, R): each value has B rows."""
 
     def likelihood_report(self, terms: dict[str, torch.Tensor], kl_active_threshold: float = 1.0) -> dict:
         """The report's likelihood section from the terms of every held-out volume (the rows of

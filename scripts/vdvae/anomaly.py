@@ -82,7 +82,8 @@ class VDVAEAnomaly:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (B, 1, R, R, R) on [-1, 1] -> {"map": (B, 1, R, R, R), "healed": (B, 1, R, R, R)}, float32."""
+        """x (B, C, R, R, R) on [-1, 1] -> {"map": (B, 1, R, R, R), "healed": (B, C, R, R, R)}, float32. With several
+        channels (modalities) the reconstruction error is their mean and the NLL their sum."""
         return self.running_maps(x)[-1]
 
     @torch.no_grad()
@@ -134,15 +135,16 @@ class VDVAEAnomaly:
         b = x.shape[0]
         if self.method == "reconstruction":
             mean, _, _ = self.vae.decode(laterals, b, self.vae.num_latent_groups, sample_posterior=False)
-            return [{"map": (x.float() - mean.float()).abs(), "healed": mean.float()}]
-        nll = torch.zeros_like(x, dtype=torch.float32)
-        healed = torch.zeros_like(nll)
+            error = (x.float() - mean.float()).abs().mean(1, keepdim=True)  # over the channels (modalities)
+            return [{"map": error, "healed": mean.float()}]
+        nll = torch.zeros_like(x[:, :1], dtype=torch.float32)
+        healed = torch.zeros_like(x, dtype=torch.float32)
         out = []
         for d in range(1, self.num_draws + 1):
             mean, scale, _ = self.vae.decode(
                 laterals, b, self.posterior_groups, sample_posterior=True, sample_prior=True
             )
-            nll += gaussian_nll(x, mean, scale)
+            nll += gaussian_nll(x, mean, scale).sum(1, keepdim=True)  # summed over the channels (modalities)
             healed += mean.float()
             out.append({"map": nll / d, "healed": healed / d})
         return out

@@ -462,7 +462,7 @@ def _check_options(
 
 
 class VDVAE(nn.Module):
-    """3D very deep VAE for single-channel volumes of ``resolution``^3 voxels scaled to [-1, 1].
+    """3D very deep VAE for volumes of ``resolution``^3 voxels (``in_channels`` modalities) scaled to [-1, 1].
 
     The defaults are the reference's: with the reference's per-level lists, this is the reference's model, parameter
     for parameter (``scripts.vdvae.reference`` converts its checkpoints). Options that depart from it say so.
