@@ -168,6 +168,23 @@ def test_conditioning_off_is_todays_network_and_on_starts_from_it():
         condition_values(enc, {"age": 1})
 
 
+def evaluate_run(run_dir: str, output_dir: str, arch: dict, num_samples: int) -> dict:
+    """``evaluate.json`` of the run's ``model.pt`` on its validation split at T = 1; returns the report."""
+    run_bundle(
+        {
+            "ckpt_path": os.path.join(run_dir, "model.pt"),
+            "run_dir": run_dir,
+            "output_dir": output_dir,
+            "num_samples": num_samples,
+            "temperature": 1.0,
+            "diversity_samples": num_samples,
+            **arch,
+        },
+        "configs/evaluate.json",
+    )
+    return json.load(open(os.path.join(output_dir, "report.json")))
+
+
 def sphere_cohort(folder, radii) -> str:
     """Bright balls of the given radii (voxels) in 16^3 noise, and their CSV (radius numeric, site categorical)."""
     os.makedirs(folder, exist_ok=True)
@@ -237,19 +254,7 @@ def test_conditional_training_samples_follow_the_condition(tmp_path):
     assert os.path.getsize(tmp_path / "s" / "samples.png") > 0
     # evaluate.json reads the held-out volumes' covariates from the training CSV recorded in the sidecar
     assert sidecar["covariates"]["csv"] == os.path.abspath(table)
-    run_bundle(
-        {
-            "ckpt_path": os.path.join(out, "model.pt"),
-            "run_dir": out,
-            "output_dir": str(tmp_path / "e"),
-            "num_samples": 4,
-            "temperature": 1.0,
-            "diversity_samples": 4,
-            **arch,
-        },
-        "configs/evaluate.json",
-    )
-    report = json.load(open(tmp_path / "e" / "report.json"))
+    report = evaluate_run(out, str(tmp_path / "e"), arch, num_samples=4)
     assert "training volume i mod" in report["conditioning"]
     assert np.isfinite(report["likelihood"]["neg_elbo_nats_per_voxel"]["median"])
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import tiny_architecture
 from tests.test_bundle import run_bundle, tiny_overrides
+from tests.test_covariates import evaluate_run
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +60,7 @@ def test_two_modalities_train_sample_and_reconstruct(two_modalities, tmp_path):
         assert np.allclose(given[..., c], np.clip(source[..., c], lo, hi), atol=1e-3 * abs(hi))
     assert os.path.getsize(os.path.join(recon, "subject_00.png")) > 0
     # evaluation: features of both modalities, the anatomy score of the first; the report is written
-    run_bundle(
-        {
-            "ckpt_path": os.path.join(out, "model.pt"),
-            "run_dir": out,
-            "output_dir": str(tmp_path / "eval"),
-            "num_samples": 2,
-            "temperature": 1.0,
-            "diversity_samples": 2,
-            **arch,
-        },
-        "configs/evaluate.json",
-    )
-    report = json.load(open(tmp_path / "eval" / "report.json"))
+    report = evaluate_run(out, str(tmp_path / "eval"), arch, num_samples=2)
     assert report["samples"]["1"]["frechet_distance_to_train"] >= 0
     assert os.path.getsize(tmp_path / "eval" / "report.png") > 0
     # anomaly maps: one map per subject, the healed volume with every modality in its own window

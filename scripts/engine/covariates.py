@@ -291,16 +291,13 @@ def with_condition(generator: torch.nn.Module, model_path: str, condition: Mappi
             raise ValueError(f"condition {dict(condition)} given, but the model at {model_path} has no covariates")
         return generator
     condition = dict(condition or {})
-    lengths = {len(v) for v in condition.values() if isinstance(v, (list, tuple))}
-    if len(lengths) > 1 or 0 in lengths:
-        raise ValueError(f"condition: the lists of values must have one and the same length, got {condition}")
-    if not lengths:
+    if not any(isinstance(v, (list, tuple)) for v in condition.values()):
         values = condition_values(encoder, condition)
         return ConditionedGenerator(generator, encoder.encode(values, "condition"), values)
-    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
-    conditions = [
-        condition_values(encoder, {k: pick(v, i) for k, v in condition.items()}) for i in range(lengths.pop())
-    ]
+    settings = _expand_lists(condition, "condition")
+    if not settings:
+        raise ValueError(f"condition: the lists of values must have one and the same length, got {condition}")
+    conditions = [condition_values(encoder, c) for c in settings]
     features = torch.stack([encoder.encode(c, f"condition {i}") for i, c in enumerate(conditions)])
     return ConditionSweep(generator, features, conditions)
 
@@ -438,9 +435,14 @@ def counterfactual_changes(model_path: str, counterfactual: Mapping[str, object]
         raise ValueError(
             f"counterfactual {dict(counterfactual)} given, but the model at {model_path} has no covariates"
         )
-    lengths = {len(v) for v in counterfactual.values() if isinstance(v, (list, tuple))}
+    return [CovariateChange(encoder, c) for c in _expand_lists(counterfactual, "counterfactual")]
+
+
+def _expand_lists(settings: Mapping[str, object], option: str) -> list[dict]:
+    """One mapping per position of the lists among ``settings``' values (single values are used in each; no lists:
+    ``[settings]``). Lists of different lengths stop with an error naming ``option``."""
+    lengths = {len(v) for v in settings.values() if isinstance(v, (list, tuple))}
     if len(lengths) > 1:
-        raise ValueError(f"counterfactual: the lists of changes must have the same length, got {dict(counterfactual)}")
+        raise ValueError(f"{option}: the lists of values must have one and the same length, got {dict(settings)}")
     count = lengths.pop() if lengths else 1
-    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return [CovariateChange(encoder, {k: pick(v, i) for k, v in counterfactual.items()}) for i in range(count)]
+    return [{k: v[i] if isinstance(v, (list, tuple)) else v for k, v in settings.items()} for i in range(count)]

@@ -35,7 +35,7 @@ from scripts.engine.sampling import check_sampling_options, draw_samples, load_w
 from scripts.engine.visualisation import draw_volume_rows, new_figure, save_figure
 from scripts.vdvae.latent_prior import with_latent_prior
 
-__all__ = ["MEASURED", "check_conditioning", "control_figures", "expected_features"]
+__all__ = ["MEASURED", "check_conditioning", "control_figures", "expected_features", "write_report"]
 
 MEASURED = ("brain_volume_ml",)  # covariates with an image measurement
 
@@ -139,12 +139,19 @@ def check_conditioning(
         "per_value": rows,
     }
     out = report_dir or os.path.join(parser.get_parsed_content("output_dir"), "conditioning")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "conditioning.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    _write_markdown(report, os.path.join(out, "conditioning.md"))
+    write_report(report, out, "conditioning", _write_markdown)
     _plot(report, heldout_requested.numpy(), heldout_measured, pictures, os.path.join(out, "conditioning.png"))
     return report
+
+
+def write_report(report: dict, folder: str, name: str, markdown) -> str:
+    """Writes ``report`` as ``<folder>/<name>.json`` and, with ``markdown(report, path)``, ``<folder>/<name>.md``
+    (the folder created); returns ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    markdown(report, os.path.join(folder, f"{name}.md"))
+    return folder
 
 
 def _fmt(d: dict) -> str:

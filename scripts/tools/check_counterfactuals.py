@@ -26,7 +26,6 @@ CLI (from the bundle root, with the same overrides as training)::
 
 from __future__ import annotations
 
-import json
 import os
 
 import fire
@@ -39,7 +38,7 @@ from scripts.engine.covariates import covariates_in_sidecar
 from scripts.engine.data import preprocess_volumes
 from scripts.engine.sampling import load_weights, read_sidecar
 from scripts.engine.visualisation import counterfactual_figure, save_figure
-from scripts.tools.check_conditioning import MEASURED, expected_features
+from scripts.tools.check_conditioning import MEASURED, expected_features, write_report
 
 __all__ = ["check_counterfactuals"]
 
@@ -119,10 +118,7 @@ def check_counterfactuals(
         "per_depth": rows,
     }
     out = report_dir or os.path.join(parser.get_parsed_content("output_dir"), "counterfactuals")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "counterfactuals.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    _write_markdown(report, os.path.join(out, "counterfactuals.md"))
+    write_report(report, out, "counterfactuals", _write_markdown)
     ends = [min(changes), max(changes)]
     labels = [f"{covariate} {c * std:+.0f} mL ({c:+g} SD)" for c in ends]
     title = f"{report['volumes'][0]}: decoded at three brain volumes (abduction: every group)"
